@@ -1,0 +1,257 @@
+"""The Resolution Aware Transformer (RAT), its heads, and the baselines.
+
+    image pyramid [x_0 (finest), x_1, ...], each level with its spacing
+    stem: shared conv, stride `patch`                      -> tokens per level
+    for each block b:
+        per level: SGA with stride strides[b]              (content-aware grouping)
+        all levels: one transformer block over the concatenated tokens of every
+                    level, RoSE at each token's physical coordinate
+    seg head: unpool back through the stored assignments, then a light conv head
+    det:      multi-stride feature maps for torchvision's FCOS
+
+Everything works in 1, 2 or 3 spatial dims. Spacing is physical units per pixel;
+by default the field of view is 1, so spacing = 1 / size (DESIGN.md section 1).
+"""
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+
+from rose import RoSE, grid_centers, positions, rotate, sincos_embedding
+from sga import CONV, MLP, SGA
+
+def default_strides(depth):
+    """Group by 4, then by 2 twice, then keep the grid (stride 1), so that any depth
+    works on small images. The first global attention then sees 1/256 of the
+    pixels (with patch 4): at 512 px it is a small part of the cost, which stays
+    near linear in pixels."""
+    return ([4, 2, 2] + [1] * depth)[:depth]
+
+
+def pad_to_multiple(x, m):
+    """Zero-pad the spatial dims of [B, C, *size] at the far end to multiples of m."""
+    pad = []
+    for n in reversed(x.shape[2:]):
+        pad += [0, -n % m]
+    return F.pad(x, pad)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, spatial_dims, pe, rotary_ratio, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rose = RoSE(dim // heads, heads, spatial_dims, pe, rotary_ratio) if pe in ("rose", "rope") else None
+
+    def forward(self, x, pos):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # [B, h, N, d]
+        if self.rose is not None:
+            cs = self.rose(pos)
+            q, k = rotate(q, cs), rotate(k, cs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block over the tokens of all pyramid levels."""
+
+    def __init__(self, dim, heads, spatial_dims, pe, rotary_ratio, mlp_ratio, dropout):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, spatial_dims, pe, rotary_ratio, dropout)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(self, x, pos):
+        x = x + self.attn(self.norm1(x), pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class RAT(nn.Module):
+    def __init__(self, in_chans=3, dim=64, depth=4, heads=4, spatial_dims=2, patch=4, strides=None,
+                 pe="rose", sga="local", mlp_ratio=4, dropout=0.0, rotary_ratio=0.5, sga_iters=3, radius=1):
+        super().__init__()
+        strides = strides or default_strides(depth)
+        self.dim, self.patch, self.pe, self.spatial_dims = dim, patch, pe, spatial_dims
+        # Overlapping patches, centered on their cell: kernel P + 2 * (P // 2), so
+        # that token j sits at (j + 0.5) * P pixels, as the coordinates say.
+        self.stem = CONV[spatial_dims](in_chans, dim, patch + 2 * (patch // 2), stride=patch, padding=patch // 2)
+        self.stem_norm = nn.LayerNorm(dim)
+        self.sgas = nn.ModuleList(SGA(dim, heads, s, spatial_dims, sga, radius, sga_iters, pe, rotary_ratio,
+                                      mlp_ratio, dropout) for s in strides)
+        self.blocks = nn.ModuleList(Block(dim, heads, spatial_dims, pe, rotary_ratio, mlp_ratio, dropout)
+                                    for _ in strides)
+        self.norm = nn.LayerNorm(dim)
+        self.apply(init_weights)
+
+    def forward(self, levels, spacings=None):
+        """levels: list of [B, in_chans, *size_l], finest first. spacings: per level,
+        the physical size of a pixel per dim (default 1 / size_l).
+        Returns `stages`, the stem then one per block, each a list over levels of
+        (tokens [B, N, dim], grid, spacing, assignment or None)."""
+        if spacings is None:
+            spacings = [tuple(1.0 / n for n in x.shape[2:]) for x in levels]
+        stage = []
+        for x, sp in zip(levels, spacings):
+            x = (x - 0.5) / 0.25                                        # inputs come in [0, 1]
+            t = self.stem(pad_to_multiple(x, self.patch))               # [B, dim, *grid]
+            grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
+            t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
+            if self.pe == "absolute":
+                t = t + sincos_embedding(grid_centers(grid, sp), self.dim).to(t)
+            stage.append((t, grid, sp, None))
+        stages = [stage]
+        for sga, block in zip(self.sgas, self.blocks):
+            stage = [sga(t, grid, sp) for t, grid, sp, _ in stage]      # per level: downsample
+            x = torch.cat([t for t, *_ in stage], dim=1)                # [B, sum N_l, dim]
+            pos = [positions(grid, sp, self.pe) for _, grid, sp, _ in stage]
+            pos = None if pos[0] is None else torch.cat(pos).to(x.device)
+            x = block(x, pos).split([t.shape[1] for t, *_ in stage], dim=1)
+            stage = [(t, grid, sp, A) for t, (_, grid, sp, A) in zip(x, stage)]
+            stages.append(stage)
+        last = [(self.norm(t), grid, sp, A) for t, grid, sp, A in stages[-1]]
+        return stages[:-1] + [last]
+
+
+def init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+
+
+class RATSeg(nn.Module):
+    """RAT with a "native" upsampling head: walk back from the last block to the
+    stem grid of the finest level, unpooling with each block's assignment
+    (fine_i = sum_j A_ij group_j) plus a skip from that stage, then a light head
+    to full resolution. Returns logits [B, num_classes, *size_0]."""
+
+    def __init__(self, num_classes=1, in_chans=3, **rat):
+        super().__init__()
+        self.backbone = RAT(in_chans=in_chans, **rat)
+        dim, D, P = self.backbone.dim, self.backbone.spatial_dims, self.backbone.patch
+        self.fuse = nn.ModuleList(nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.GELU(),
+                                                nn.Linear(dim, dim)) for _ in self.backbone.sgas)
+        # No layer runs at full resolution with many channels (that would dominate
+        # the cost at large sizes): each stem token predicts its P^D pixels
+        # (pixel shuffle), and a 3x3 conv on the raw image adds pixel-level colour.
+        self.norm = nn.LayerNorm(dim)
+        self.to_pixels = nn.Linear(dim, num_classes * P ** D)
+        self.pixels = CONV[D](in_chans, num_classes, 3, padding=1)
+        self.fuse.apply(init_weights)
+
+    def forward(self, levels, spacings=None):
+        stages = self.backbone(levels, spacings)
+        y = stages[-1][0][0]                                            # finest level, last block
+        for b in reversed(range(len(self.backbone.sgas))):
+            skip, grid, _, _ = stages[b][0]
+            y = self.backbone.sgas[b].unpool(y, stages[b + 1][0][3], grid)
+            y = y + self.fuse[b](torch.cat([y, skip], dim=-1))         # [B, N_b, dim]
+        x = levels[0]
+        B, D, P, K = x.shape[0], len(grid), self.backbone.patch, self.pixels.out_channels
+        y = self.to_pixels(self.norm(y)).reshape(B, *grid, K, *[P] * D)           # [B, *grid, K, *P]
+        perm = [0, D + 1] + [v for d in range(D) for v in (1 + d, D + 2 + d)]
+        y = y.permute(perm).reshape(B, K, *[g * P for g in grid])                  # [B, K, *grid*P]
+        y = y[(...,) + tuple(slice(0, n) for n in x.shape[2:])]
+        return y + self.pixels((x - 0.5) / 0.25)
+
+
+class RATBackbone(nn.Module):
+    """Multi-stride feature maps of RAT's finest level for torchvision detectors:
+    an OrderedDict of [B, dim, H/s, W/s] at increasing strides s (the last block at
+    each stride). The pyramid is built here from `scales`, so the detector passes
+    one image tensor. Set the detector's image_mean 0 and image_std 1: RAT
+    normalizes its own input."""
+
+    def __init__(self, scales=(1.0,), **rat):
+        super().__init__()
+        self.body = RAT(**rat)
+        self.scales, self.out_channels = tuple(scales), self.body.dim
+        strides, s = [], self.body.patch
+        for i, st in enumerate(self.body.sgas):
+            s *= st.stride
+            strides.append(s)
+        # index of the last block at each distinct stride
+        self.taps = [i for i in range(len(strides)) if i + 1 == len(strides) or strides[i + 1] != strides[i]]
+        self.strides = [strides[i] for i in self.taps]
+
+    def forward(self, x):
+        levels = [x] + [F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True, align_corners=False)
+                        for s in self.scales[1:]]
+        stages = self.body(levels)
+        out = OrderedDict()
+        for i in self.taps:
+            t, grid, _, _ = stages[i + 1][0]
+            out[str(i)] = t.transpose(1, 2).reshape(t.shape[0], -1, *grid)
+        return out
+
+
+def conv_block(conv, cin, cout):
+    # GroupNorm, not BatchNorm: statistics must not depend on how the batch is split across ranks.
+    return nn.Sequential(conv(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.GELU(),
+                         conv(cout, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.GELU())
+
+
+class UNet(nn.Module):
+    """U-Net baseline: the finest level only, same input convention and output as RATSeg."""
+
+    def __init__(self, num_classes=1, in_chans=3, width=32, levels=4, spatial_dims=2):
+        super().__init__()
+        conv, convt = CONV[spatial_dims], (None, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims]
+        ws = [width * 2 ** i for i in range(levels + 1)]
+        self.down = nn.ModuleList([conv_block(conv, in_chans, ws[0])] +
+                                  [conv_block(conv, ws[i], ws[i + 1]) for i in range(levels)])
+        self.pool = (None, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[spatial_dims](2)
+        self.up = nn.ModuleList(convt(ws[i + 1], ws[i], 2, stride=2) for i in range(levels))
+        self.dec = nn.ModuleList(conv_block(conv, 2 * ws[i], ws[i]) for i in range(levels))
+        self.head = conv(ws[0], num_classes, 1)
+
+    def forward(self, levels, spacings=None):
+        x0 = levels[0]
+        x = pad_to_multiple((x0 - 0.5) / 0.25, 2 ** len(self.up))
+        skips = []
+        for i, down in enumerate(self.down):
+            x = down(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for i in reversed(range(len(self.up))):
+            x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+        return self.head(x)[(...,) + tuple(slice(0, n) for n in x0.shape[2:])]
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_seg_model(model="rat", num_classes=1, **rat):
+    """RATSeg, or a U-Net whose width makes its parameter count closest to the RAT's."""
+    net = RATSeg(num_classes, **rat)
+    if model == "rat":
+        return net
+    target, D = num_params(net), rat.get("spatial_dims", 2)
+    width = min(range(4, 129, 4), key=lambda w: abs(num_params(UNet(num_classes, width=w, spatial_dims=D)) - target))
+    return UNet(num_classes, width=width, spatial_dims=D)
+
+
+def build_detector(model="rat", num_classes=3, image_size=128, scales=(1.0,), head_convs=2, **rat):
+    """torchvision FCOS on RAT's feature maps (or, for `resnet`, on a ResNet-18 + FPN
+    trained from scratch). Labels are 1..num_classes; min_size = max_size =
+    image_size, so the detector's internal resize keeps our resolution."""
+    if model == "rat":
+        backbone = RATBackbone(scales, **rat)
+        strides, mean, std = backbone.strides, [0.0] * 3, [1.0] * 3            # RAT normalizes its input
+    else:
+        resnet = torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(8, c))
+        layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
+        backbone = BackboneWithFPN(resnet, layers, [64, 128, 256, 512], rat.get("dim", 64))
+        strides, mean, std = [4, 8, 16, 32, 64], [0.5] * 3, [0.25] * 3          # FPN adds a max-pooled level
+    anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+    head = FCOSHead(backbone.out_channels, 1, num_classes + 1, num_convs=head_convs)
+    return FCOS(backbone, num_classes + 1, min_size=image_size, max_size=image_size, image_mean=mean,
+                image_std=std, anchor_generator=anchors, head=head)

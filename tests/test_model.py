@@ -1,0 +1,97 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import RAT, RATSeg, UNet, build_detector, build_seg_model, num_params
+
+TINY = dict(dim=32, heads=4)
+
+
+def check_forward_backward(model, levels):
+    out = model(levels)
+    assert out.shape == (levels[0].shape[0], 1, *levels[0].shape[2:])
+    out.pow(2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    return out
+
+
+def pyramid(x, scales):
+    return [x] + [F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True) for s in scales[1:]]
+
+
+def test_single_2d_image():
+    torch.manual_seed(0)
+    check_forward_backward(RATSeg(depth=3, **TINY), [torch.rand(2, 3, 64, 64)])
+
+
+def test_three_level_pyramid_with_non_square_size_strides_do_not_divide():
+    torch.manual_seed(0)
+    check_forward_backward(RATSeg(depth=3, patch=2, **TINY), pyramid(torch.rand(2, 3, 45, 37), [1, 0.5, 0.25]))
+
+
+def test_3d_volume():
+    torch.manual_seed(0)
+    check_forward_backward(RATSeg(depth=2, spatial_dims=3, patch=2, **TINY), [torch.rand(1, 3, 13, 10, 9)])
+
+
+@pytest.mark.parametrize("depth", [2, 4, 6, 8])
+def test_depths(depth):
+    torch.manual_seed(0)
+    check_forward_backward(RATSeg(depth=depth, **TINY), [torch.rand(1, 3, 50, 34)])
+
+
+@pytest.mark.parametrize("pe", ["rose", "rope", "absolute", "none"])
+@pytest.mark.parametrize("sga", ["local", "dense", "none"])
+def test_every_variant_runs(pe, sga):
+    torch.manual_seed(0)
+    check_forward_backward(RATSeg(depth=2, pe=pe, sga=sga, **TINY), pyramid(torch.rand(1, 3, 40, 40), [1, 0.5]))
+
+
+def test_pyramid_levels_share_the_physical_frame():
+    rat = RAT(depth=2, **TINY)
+    stages = rat(pyramid(torch.rand(1, 3, 64, 64), [1, 0.5]))
+    (_, g0, s0, _), (_, g1, s1, _) = stages[-1]
+    # level 1 is half the size, so twice the spacing; both span the same field of view
+    assert [g * s for g, s in zip(g0, s0)] == pytest.approx([g * s for g, s in zip(g1, s1)])
+    assert s1 == pytest.approx(tuple(2 * s for s in s0))
+
+
+def test_coarse_levels_reach_the_output():
+    # The finest level's logits must depend on the coarse level (joint attention).
+    torch.manual_seed(0)
+    model = RATSeg(depth=2, **TINY).eval()
+    x = torch.rand(1, 3, 32, 32)
+    coarse = F.interpolate(x, scale_factor=0.5).requires_grad_()
+    model([x, coarse]).sum().backward()
+    assert coarse.grad.abs().sum() > 0
+
+
+def test_unet_baseline_has_similar_size():
+    kw = dict(dim=64, depth=4, heads=4)
+    rat, unet = build_seg_model("rat", **kw), build_seg_model("unet", **kw)
+    assert isinstance(unet, UNet)
+    assert 0.7 < num_params(unet) / num_params(rat) < 1.3
+    check_forward_backward(unet, [torch.rand(1, 3, 45, 37)])
+
+
+def test_fcos_with_rat_backbone_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    det = build_detector("rat", num_classes=3, image_size=64, depth=3, **TINY).train()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 10, 30, 40]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 20, 60, 50], [30, 5, 50, 25]]), "labels": torch.tensor([2, 3])}]
+    opt = torch.optim.AdamW(det.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss = sum(det(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0]
+    det.eval()
+    with torch.no_grad():
+        out = det(images)
+    assert set(out[0]) == {"boxes", "scores", "labels"}

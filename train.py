@@ -1,0 +1,338 @@
+"""Train RAT (or a baseline) for segmentation or detection.
+
+    python train.py --task seg                                  # one CPU, built-in data
+    torchrun --nproc_per_node=8 train.py --task seg --data isic --data-dir ISIC2018
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
+
+DDP is set up from torchrun's environment variables; without them this is a
+single process. --batch-size is global (split across processes). A run folder
+holds args.json, metrics.jsonl, ckpt_last.pt and ckpt_best.pt; running the same
+command on an existing run folder resumes from ckpt_last.pt.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from data import DetDataset, SegDataset, det_collate, parse_scales, seg_collate
+from metrics import SEG_METRICS, coco_ap, seg_scores
+from model import build_detector, build_seg_model, num_params
+from rose import PE_CHOICES
+from sga import SGA_CHOICES
+
+# Architecture flags: stored in every checkpoint, so eval.py rebuilds the same model.
+ARCH = ("task", "model", "image_size", "scales", "pe", "sga", "depth", "dim", "heads", "patch", "strides",
+        "dropout", "num_classes")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train RAT for segmentation or detection", add_help=True)
+    p.add_argument("--task", default="seg", choices=["seg", "det"])
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "isic", "coco"])
+    p.add_argument("--data-dir", default=None, help="dataset root (ISIC 2018 or COCO 2017 layout)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<task>)")
+    p.add_argument("--model", default="rat", choices=["rat", "unet", "resnet"],
+                   help="rat, or the baseline: unet (seg) or resnet (det)")
+    p.add_argument("--image-size", type=int, default=None, help="training resolution (default 64 seg, 128 det)")
+    p.add_argument("--scales", default="1,0.5", help="image pyramid as relative factors, finest first")
+    p.add_argument("--pe", default="rose", choices=PE_CHOICES)
+    p.add_argument("--sga", default="local", choices=SGA_CHOICES)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch", type=int, default=None, help="stem stride (default 2 seg, 4 det... see README)")
+    p.add_argument("--strides", default=None, help="SGA stride per block, e.g. 4,2,2,1 (default: model.py)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear warmup")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    p.add_argument("--train-size", type=int, default=None, help="use only this many training samples")
+    p.add_argument("--val-size", type=int, default=None, help="use only this many validation samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
+    p.add_argument("--ckpt-every", type=int, default=0, help="also save ckpt_last.pt every N steps (0: per epoch)")
+    return p
+
+
+def fill_defaults(args):
+    """Task-dependent defaults: small enough that the built-in data trains in minutes on a CPU."""
+    seg = args.task == "seg"
+    args.image_size = args.image_size or (64 if seg else 128)
+    args.patch = args.patch or (2 if seg else 4)
+    args.epochs = args.epochs or (8 if seg else 12)
+    args.out = args.out or os.path.join("runs", args.task)
+    if args.model == ("resnet" if seg else "unet"):
+        raise ValueError(f"--model {args.model} is not a baseline for --task {args.task}")
+    if args.data == ("coco" if seg else "isic"):
+        raise ValueError(f"--data {args.data} is not a {args.task} dataset")
+    args.scales = parse_scales(args.scales) if isinstance(args.scales, str) else args.scales
+    if isinstance(args.strides, str):
+        try:
+            args.strides = [int(s) for s in args.strides.split(",")]
+        except ValueError:
+            raise ValueError(f"--strides: expected comma-separated integers like 4,2,2,1, got {args.strides!r}")
+        if len(args.strides) != args.depth or min(args.strides) < 1:
+            raise ValueError(f"--strides: need {args.depth} positive integers (one per block), got {args.strides}")
+    return args
+
+
+def build_model(args):
+    rat = dict(dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch, strides=args.strides,
+               pe=args.pe, sga=args.sga, dropout=args.dropout)
+    if args.task == "seg":
+        return build_seg_model(args.model, num_classes=1, **rat)
+    return build_detector(args.model, num_classes=args.num_classes, image_size=args.image_size,
+                          scales=args.scales, **rat)
+
+
+def build_datasets(args):
+    common = dict(source=args.data, image_size=args.image_size, data_dir=args.data_dir, seed=args.seed)
+    if args.task == "seg":
+        train = SegDataset(split="train", scales=args.scales, augment=True, length=args.train_size, **common)
+        val = SegDataset(split="val", scales=args.scales, length=args.val_size, **common)
+    else:
+        train = DetDataset(split="train", augment=True, length=args.train_size, **common)
+        val = DetDataset(split="val", length=args.val_size, **common)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------
+# losses and evaluation
+# ---------------------------------------------------------------------------------------
+
+def seg_loss(model, batch, device):
+    """BCE + soft Dice, each computed per sample, then averaged over the batch."""
+    levels, mask = batch
+    logits = model([x.to(device) for x in levels])
+    mask = mask.to(device)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), mask, reduction="none").flatten(1).mean(1)
+    prob = logits.float().sigmoid().flatten(1)
+    inter, total = (prob * mask.flatten(1)).sum(1), prob.sum(1) + mask.flatten(1).sum(1)
+    dice = (2 * inter + 1) / (total + 1)
+    return (bce + 1 - dice).mean()
+
+
+def det_loss(model, batch, device):
+    images, targets = batch
+    # Crowd boxes are kept by the loader for evaluation only.
+    targets = [{"boxes": t["boxes"][t["iscrowd"] == 0].to(device), "labels": t["labels"][t["iscrowd"] == 0].to(device)}
+               for t in targets]
+    return sum(model([im.to(device) for im in images], targets).values())
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device):
+    """Metrics over the whole validation set, each sample counted once across ranks
+    (the loader holds this rank's disjoint shard, without padding)."""
+    model.eval()
+    if args.task == "seg":
+        total = torch.zeros(len(SEG_METRICS) + 1, dtype=torch.float64, device=device)
+        for levels, mask in loader:
+            with autocast(device):
+                logits = model([x.to(device) for x in levels])
+            scores = seg_scores(logits > 0, mask.to(device) > 0.5)                  # [B, 5]
+            total += torch.cat([scores.sum(0), scores.new_tensor([len(scores)])])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        model.train()
+        return dict(zip(SEG_METRICS, (total[:-1] / total[-1]).tolist()))
+    gts, dets = [], []
+    for images, targets in loader:
+        with autocast(device):
+            out = model([im.to(device) for im in images])
+        dets += [{k: v.float().cpu() for k, v in o.items()} for o in out]
+        gts += [{k: t[k] for k in ("boxes", "labels", "iscrowd")} for t in targets]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (gts, dets))
+        gts, dets = [g for p in parts for g in p[0]], [d for p in parts for d in p[1]]
+    model.train()
+    return coco_ap(gts, dets, num_classes=args.num_classes)
+
+
+def autocast(device):
+    # bf16 on GPUs; on CPU we stay in float32 (bf16 matmuls are slow on most CPUs).
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a
+    half-written checkpoint in place of the last good one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, pickled code, not a checkpoint at all
+        raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def lr_lambda(total_steps, warmup):
+    warm = max(1, int(warmup * total_steps))
+    return lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total_steps - warm)))
+
+
+# ---------------------------------------------------------------------------------------
+# main loop
+# ---------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """Rank, world size and device from torchrun's environment (or a single process)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+
+
+def main(args):
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    train_set, val_set = build_datasets(args)
+    args.num_classes = getattr(train_set, "num_classes", 1)
+    model = build_model(args).to(device)
+    local_batch = args.batch_size // world
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} samples)")
+    total_steps = steps_per_epoch * args.epochs
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "freqs" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "freqs" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup))
+
+    step, best = 0, -math.inf
+    last_path, best_path = os.path.join(args.out, "ckpt_last.pt"), os.path.join(args.out, "ckpt_best.pt")
+    if os.path.exists(last_path):
+        ckpt = load_checkpoint(last_path)
+        changed = {k: (ckpt["args"].get(k), vars(args).get(k)) for k in ARCH if ckpt["args"].get(k) != vars(args).get(k)}
+        if changed:
+            raise ValueError(f"{last_path}: run folder holds a different model {changed}; use a new --out")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        step, best = ckpt["step"], ckpt["best"]
+        if master:
+            print(f"resuming {last_path} at step {step}/{total_steps}")
+    if master:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        print(f"{args.model} {args.task}: {num_params(model) / 1e6:.2f}M parameters, {world} process(es) on {device}, "
+              f"{len(train_set)} train / {len(val_set)} val samples, {total_steps} steps")
+    ddp = DDP(model) if world > 1 else model
+
+    def checkpoint(path):
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                     "best": best, "rng": torch.get_rng_state(), "args": vars(args)}, path)
+
+    # Preemption: finish the current step, save, exit (all ranks agree on when).
+    stop = torch.zeros(1)
+    signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
+
+    loss_fn = seg_loss if args.task == "seg" else det_loss
+    collate = seg_collate if args.task == "seg" else det_collate
+    val_loader = DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
+                            batch_size=local_batch, num_workers=args.workers, collate_fn=collate)
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        # Resuming mid-epoch: the same order as before, minus the batches already done.
+        order = list(sampler)[skip * local_batch: steps_per_epoch * local_batch]
+        loader = DataLoader(train_set, batch_size=local_batch, sampler=order, num_workers=args.workers,
+                            collate_fn=collate, drop_last=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        for batch in bar:
+            with autocast(device):
+                loss = loss_fn(ddp, batch, device)
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+            if world > 1:
+                dist.all_reduce(bad)
+            if bad.item():
+                raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch + 1}); "
+                                         f"the last good checkpoint is kept: {last_path}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            scheduler.step()
+            step, seen, loss_sum = step + 1, seen + 1, loss_sum + loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if world > 1:
+                dist.all_reduce(stop)
+            if stop.item() or (args.ckpt_every and step % args.ckpt_every == 0):
+                if master:
+                    checkpoint(last_path)
+                if stop.item():
+                    if master:
+                        print(f"SIGTERM: saved {last_path} at step {step}; rerun the same command to resume")
+                    cleanup()
+                    sys.exit(143)
+        if step % steps_per_epoch:
+            continue  # a partial epoch only happens on the way out
+        metrics = evaluate(ddp, val_loader, args, device)
+        key = "dice" if args.task == "seg" else "AP"
+        is_best = metrics[key] > best
+        best = max(best, metrics[key])
+        if master:
+            checkpoint(last_path)
+            if is_best:
+                checkpoint(best_path)
+            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+                      "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0, **metrics}
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    cleanup()
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(fill_defaults(args))
+    except (ValueError, FloatingPointError) as e:
+        cleanup()
+        sys.exit(f"error: {e}")
