@@ -81,10 +81,18 @@ class RoSE(nn.Module):
 def rotate(x, cos_sin):
     """x: [..., H, N, head_dim]. Turns channel pairs (p, P + p) by the phases; the
     channels past 2P pass through unchanged."""
-    cos, sin = (t.to(x.dtype) for t in cos_sin)
+    cos, sin = cos_sin
     P = cos.shape[-1]
-    x1, x2, rest = x[..., :P], x[..., P:2 * P], x[..., 2 * P:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+    x1, x2, rest = x.split([P, P, x.shape[-1] - 2 * P], dim=-1)   # split: one gradient copy, not 3 zero-filled ones
+    return torch.cat([*rotate_planes(x1, x2, cos, sin), rest], dim=-1)
+
+
+def rotate_planes(x1, x2, cos, sin):
+    """The rotation itself, on the two halves of the planes: (x1, x2) -> (x1', x2').
+    Any layout whose shapes broadcast (sga.py calls it on [B, N, H * P] slices,
+    where the elementwise products run over long contiguous rows)."""
+    cos, sin = cos.to(x1.dtype), sin.to(x1.dtype)
+    return x1 * cos - x2 * sin, x1 * sin + x2 * cos
 
 
 def sincos_embedding(pos, dim):

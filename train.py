@@ -52,8 +52,9 @@ def get_args_parser():
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--patch", type=int, default=None, help="stem stride (default 2 seg, 4 det... see README)")
-    p.add_argument("--strides", default=None, help="SGA stride per block, e.g. 4,2,2,1 (default: model.py)")
+    p.add_argument("--patch", type=int, default=None, help="stem stride (default 2 for seg, 4 for det)")
+    p.add_argument("--strides", default=None,
+                   help="SGA stride per block, e.g. 4,2,2,1 (default 4,2,2,1,1.. for seg, 2,2,1,1.. for det)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
@@ -74,12 +75,18 @@ def fill_defaults(args):
     seg = args.task == "seg"
     args.image_size = args.image_size or (64 if seg else 128)
     args.patch = args.patch or (2 if seg else 4)
+    if args.strides is None and not seg:  # keep stride-8 features for small objects
+        args.strides = ",".join(map(str, [2, 2] + [1] * (args.depth - 2)))
     args.epochs = args.epochs or (8 if seg else 12)
     args.out = args.out or os.path.join("runs", args.task)
     if args.model == ("resnet" if seg else "unet"):
         raise ValueError(f"--model {args.model} is not a baseline for --task {args.task}")
     if args.data == ("coco" if seg else "isic"):
         raise ValueError(f"--data {args.data} is not a {args.task} dataset")
+    if not seg and args.dim % 32:
+        raise ValueError(f"--dim {args.dim}: torchvision's FCOS head uses GroupNorm(32), so --dim must be a multiple of 32")
+    if args.dim % args.heads:
+        raise ValueError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
     args.scales = parse_scales(args.scales) if isinstance(args.scales, str) else args.scales
     if isinstance(args.strides, str):
         try:
@@ -178,11 +185,15 @@ def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a
     half-written checkpoint in place of the last good one."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path):
@@ -208,7 +219,11 @@ def setup_distributed():
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # torchrun shares one store across --max-restarts attempts; without a prefix per
+    # attempt, a restarted group can read the dead group's addresses (pytorch#135712).
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank, world_size=world)
     return rank, world, torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
 
 
@@ -257,6 +272,9 @@ def main(args):
     ddp = DDP(model) if world > 1 else model
 
     def checkpoint(path):
+        # A finite loss can still come with an update that overflows: never save such weights.
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise FloatingPointError(f"non-finite weights after step {step}; the last good checkpoint is kept: {last_path}")
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                      "best": best, "rng": torch.get_rng_state(), "args": vars(args)}, path)

@@ -1,0 +1,543 @@
+"""Benchmarks: scaling, baselines, utilization, data, distributed, compile, and the SGA speed-up.
+
+    python bench.py                          # everything (~10 min on 2 CPU cores), markdown to stdout
+    python bench.py --write                  # ... and to BENCHMARKS.md
+    python bench.py --quick                  # tiny sizes: a smoke test
+    python bench.py --only scaling,baseline  # some sections
+
+Things compared are timed interleaved in one process (min over repeats), so that
+a shared machine slows them alike; ratios are the numbers to read. Peak memory:
+each scaling configuration runs in a fresh process; on CPU the growth of peak RSS
+(ru_maxrss) over the measured work, on CUDA torch.cuda.max_memory_allocated.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils import flop_counter
+
+SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile", "optim")
+RAT = dict(dim=128, depth=4, heads=8)                 # the model under test: default patch and strides
+SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FLOP_OPS = ("mm", "addmm", "bmm", "convolution", "convolution_backward", "_scaled_dot_product")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def levels(size, batch=2, D=2, scales=(1.0,)):
+    x = torch.rand(batch, 3, *[size] * D, device=device())
+    mode = "bilinear" if D == 2 else "trilinear"
+    return [x] + [F.interpolate(x, scale_factor=s, mode=mode, antialias=D == 2) for s in scales[1:]]
+
+
+def seg(kind="rat", **kw):
+    from model import build_seg_model
+    torch.manual_seed(0)
+    return build_seg_model(kind, **{**RAT, **kw}).to(device())
+
+
+def train_step(model, x, opt=None):
+    model(x).float().mean().backward()
+    if opt is not None:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(fns, reps):
+    """Min seconds of each function, run interleaved after one warm-up call each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: min(v) for k, v in times.items()}
+
+
+def peak_mib():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # KiB on Linux
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def slope(x, y):
+    """Exponent of y ~ x^a by least squares in log-log."""
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0]) if len(x) > 1 else float("nan")
+
+
+def flops(model, x):
+    """FLOPs of forward+backward, by op; CPU flash attention counted like the CUDA kernels."""
+    mapping = {SDPA_CPU: lambda q, k, v, *a, **kw: flop_counter.sdpa_flop_count(q, k, v),
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                   lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v)}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        train_step(model, x)
+    return {str(op).split(".")[-1]: n for op, n in fc.get_flop_counts()["Global"].items()}
+
+
+def worker(spec, threads):
+    """Runs one measurement in this (fresh) process; prints RESULT <json>."""
+    torch.set_num_threads(threads)
+    kind = spec.pop("kind")
+    if kind == "dist":
+        return dist_worker(**spec)
+    out = {"scale": scale_worker, "dense": dense_worker, "step": step_worker, "compile": compile_worker}[kind](**spec)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_worker(spec, args, timeout=900, env=None, nproc=0):
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--worker", json.dumps(spec)]
+    if nproc:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode or not lines:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1][:160]
+        return {"error": "killed (out of memory?)" if p.returncode in (-9, 137) else tail}
+    return json.loads(lines[-1][7:])
+
+
+# ------------------------------------------------------------------------ scaling
+def scale_worker(size, D, batch, dim, reps):
+    model, x = seg(dim=dim, spatial_dims=D), levels(size, batch, D)
+    before = peak_mib()
+    with torch.no_grad():
+        model(x)
+    fwd_mem = peak_mib() - before
+    train_step(model, x)
+    mem = peak_mib() - before
+    with torch.no_grad():
+        t = timed({"fwd": lambda: model(x)}, reps)
+    t.update(timed({"train": lambda: train_step(model, x)}, reps))
+    fl = flops(model, x)
+    return dict(t, fwd_mem=fwd_mem, mem=mem, flops=sum(fl.values()), attn=sum(v for k, v in fl.items() if "attention" in k))
+
+
+def sec_scaling(a):
+    sizes2, sizes3 = ([32, 64, 96], [16, 24]) if a.quick else ([128, 256, 512, 768, 1024], [32, 48, 64, 96])
+    dim = 32 if a.quick else RAT["dim"]
+    rows, res = [], {}
+    for D, sizes, batch in ((2, sizes2, 2), (3, sizes3, 1)):
+        for n in sizes:
+            log(f"scaling {D}D {n}")
+            r = run_worker(dict(kind="scale", size=n, D=D, batch=batch, dim=dim, reps=a.reps), a)
+            res[(D, n)] = r
+            if "error" in r:
+                rows.append([f"{D}D", f"{n}^{D} x{batch}", n ** D, r["error"], "", "", "", "", ""])
+                continue
+            rows.append([f"{D}D", f"{n}^{D} x{batch}", n ** D, f"{r['fwd'] * 1e3:.0f}", f"{r['train'] * 1e3:.0f}",
+                         f"{r['fwd_mem']:.0f}", f"{r['mem']:.0f}", f"{r['flops'] / 1e9:.1f}",
+                         f"{100 * r['attn'] / r['flops']:.0f}%"])
+    fits, lines = {}, []
+    for D, sizes in ((2, sizes2), (3, sizes3)):
+        for label, lo in (("all sizes", 0), ("256 to 1024 px", 256)) if D == 2 else (("all sizes", 0),):
+            ok = [n for n in sizes if n >= lo and "error" not in res[(D, n)]]
+            px = [n ** D for n in ok]
+            e = {k: slope(px, [res[(D, n)][k] for n in ok]) for k in ("fwd", "train", "mem", "flops")}
+            fits[(D, lo)] = e
+            lines.append(f"| {D}D, {label} | {e['fwd']:.2f} | {e['train']:.2f} | {e['mem']:.2f} | {e['flops']:.2f} |")
+    mem_label = "peak CUDA MiB" if torch.cuda.is_available() else "peak RSS growth MiB"
+    md = (f"RATSeg dim {dim}, depth 4, heads 8, patch 4, strides 4,2,2,1, one pyramid level. Forward under "
+          f"no_grad; train = forward+backward. Memory: {mem_label}, each row a fresh process. "
+          "GFLOP: forward+backward (FlopCounterMode); attn: share of those in global attention.\n\n"
+          + table(["dims", "input", "pixels", "fwd ms", "train ms", f"fwd {mem_label}", f"train {mem_label}",
+                   "GFLOP", "attn"], rows)
+          + "\n\nFitted exponents (log-log least squares against the number of pixels):\n\n"
+          "| fit | fwd time | train time | train memory | FLOPs |\n|---|---|---|---|---|\n" + "\n".join(lines))
+    return md, {"fits": fits, "res": res}
+
+
+# ------------------------------------------------------------------------ baselines
+def dense_worker(size, reps, cap_mib):
+    """Local against dense grouping (same weights), interleaved; dense may not fit."""
+    local, dense = seg("rat"), seg("rat", sga="dense")
+    dense.load_state_dict(local.state_dict())
+    x = levels(size)
+    n_in = (size // 4) ** 2
+    need = 2 * RAT["heads"] * n_in * (n_in // 16) * 4 / 2 ** 20      # one [B, h, N_in, N_out] assignment
+    if need > cap_mib:
+        t = timed({"local": lambda: train_step(local, x)}, reps)
+        return dict(t, dense=f"skipped: one N_in x N_out assignment is {need / 1024:.1f} GiB")
+    try:
+        return timed({"local": lambda: train_step(local, x), "dense": lambda: train_step(dense, x)}, reps)
+    except (RuntimeError, MemoryError) as e:
+        return {"local": None, "dense": f"does not fit ({type(e).__name__})"}
+
+
+def sec_baseline(a):
+    from model import num_params
+    sizes = [64] if a.quick else [256, 512]
+    kw = dict(dim=32, heads=4) if a.quick else {}
+    rows, out = [], {}
+    for n in sizes:
+        log(f"baseline {n}")
+        rat, unet = seg("rat", **kw), seg("unet", **kw)
+        opts = [torch.optim.AdamW(m.parameters()) for m in (rat, unet)]
+        x = levels(n)
+        t = timed({"rat": lambda: train_step(rat, x, opts[0]), "unet": lambda: train_step(unet, x, opts[1])}, a.reps)
+        out[n] = t["rat"] / t["unet"]
+        rows.append([n, f"{num_params(rat) / 1e6:.2f}M / {num_params(unet) / 1e6:.2f}M",
+                     f"{t['rat'] * 1e3:.0f}", f"{t['unet'] * 1e3:.0f}", f"{out[n]:.2f}"])
+    md = ("Training step (forward, backward, AdamW), batch 2, one level; U-Net width picked by "
+          "build_seg_model to match RAT's parameter count.\n\n"
+          + table(["size", "params RAT / U-Net", "RAT ms", "U-Net ms", "RAT / U-Net"], rows))
+    rows = []
+    for n in ([64] if a.quick else [128, 256, 512]):
+        log(f"dense {n}")
+        r = run_worker(dict(kind="dense", size=n, reps=a.reps, cap_mib=512), a)
+        if "error" in r:
+            r = {"local": None, "dense": r["error"]}
+        ms = lambda v: f"{v * 1e3:.0f}" if isinstance(v, float) else (v or "")
+        ratio = f"{r['dense'] / r['local']:.1f}" if isinstance(r["dense"], float) and r["local"] else ""
+        rows.append([n, ms(r["local"]), ms(r["dense"]), ratio])
+    md += ("\n\nLocal against dense grouping (`sga=\"dense\"`, O(N_in x N_out)), training step (no optimizer), "
+           "batch 2, in a fresh process per size:\n\n" + table(["size", "local ms", "dense ms", "dense / local"], rows))
+    rows = []
+    for n in ([64] if a.quick else [256, 512]):
+        log(f"pyramid {n}")
+        model = seg("rat", **kw)
+        x1, x3 = levels(n), levels(n, scales=(1.0, 0.5, 0.25))
+        x3 = [x1[0]] + x3[1:]
+        t = timed({"1": lambda: train_step(model, x1), "3": lambda: train_step(model, x3)}, a.reps)
+        rows.append([n, f"{t['1'] * 1e3:.0f}", f"{t['3'] * 1e3:.0f}", f"{t['3'] / t['1']:.2f}"])
+    md += ("\n\nOne pyramid level against three (scales 1, 0.5, 0.25, F.interpolate antialias), training step:\n\n"
+           + table(["size", "1 level ms", "3 levels ms", "ratio"], rows))
+    return md, {"unet": out}
+
+
+# ------------------------------------------------------------------------ utilization
+def sec_util(a):
+    n = 64 if a.quick else 512
+    log(f"utilization {n}")
+    model, x = seg("rat"), levels(n)
+    by_op = flops(model, x)
+    step = timed({"s": lambda: train_step(model, x)}, a.reps)["s"]
+    m = 1024 if a.quick else 4096
+    A, B = torch.randn(m, m, device=device()), torch.randn(m, m, device=device())
+    peak = 2 * m ** 3 / timed({"mm": lambda: A @ B}, a.reps)["mm"]
+    total = sum(by_op.values())
+    with torch.profiler.profile() as prof:
+        train_step(model, x)
+    ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    prof_total = sum(e.self_cpu_time_total for e in ev)
+    rows, matmul_share = [], 0.0
+    for e in ev:
+        name = e.key.replace("aten::", "")
+        f = by_op.get("convolution" if name == "mkldnn_convolution" else name, 0)
+        share = e.self_cpu_time_total / prof_total
+        if name.startswith(FLOP_OPS) or name == "mkldnn_convolution":
+            matmul_share += share
+        if len(rows) < 12:
+            rate = f"{f / (e.self_cpu_time_total * 1e-6) / 1e9:.0f}" if f else ""
+            rows.append([e.key, e.count, f"{e.self_cpu_time_total / 1e3:.1f}", f"{100 * share:.1f}%",
+                         f"{f / 1e9:.2f}" if f else "", rate])
+    util = total / step / peak
+    bmm = next((r for r in rows if r[0] == "aten::bmm"), None)
+    md = (f"RAT training step at {n}x{n}, batch 2: {total / 1e9:.1f} GFLOP (forward+backward) in "
+          f"{step * 1e3:.0f} ms = **{total / step / 1e9:.1f} GFLOP/s**; a {m}x{m} float32 matmul on the "
+          f"same machine and threads: **{peak / 1e9:.1f} GFLOP/s**; utilization **{100 * util:.0f}%**.\n\n"
+          f"Top operations by self CPU time (torch.profiler, one step); GFLOP/s = that op's FLOPs over its time:\n\n"
+          + table(["op", "calls", "self ms", "share", "GFLOP", "GFLOP/s"], rows)
+          + f"\n\nMatmul-class ops (mm, addmm, bmm, convolution, attention) take {100 * matmul_share:.0f}% of the "
+          f"time; the rest ({100 * (1 - matmul_share):.0f}%) is memory-bound elementwise work, layout copies "
+          f"and normalization" + (f"; the batched matmuls of local SGA (`aten::bmm`, thousands of 9x16x16 "
+                                  f"products) run at {bmm[5]} GFLOP/s" if bmm and bmm[5] else "") + ".")
+    return md, {"util": util, "peak": peak, "achieved": total / step, "top": rows[:3]}
+
+
+# ------------------------------------------------------------------------ data
+def fake_isic(root, count, hw=(1500, 2000)):
+    from PIL import Image, ImageDraw
+    img_dir, gt_dir = (os.path.join(root, f) for f in ("ISIC2018_Task1-2_Training_Input",
+                                                        "ISIC2018_Task1_Training_GroundTruth"))
+    os.makedirs(img_dir), os.makedirs(gt_dir)
+    rng = np.random.default_rng(0)
+    h, w = hw
+    yy, xx = np.mgrid[:h, :w]
+    for i in range(count):
+        skin = np.stack([200 + 20 * np.sin(xx / (50 + 10 * c) + i) for c in range(3)], -1)
+        skin = skin + rng.normal(0, 6, (h, w, 3))
+        mask = Image.new("L", (w, h))
+        ImageDraw.Draw(mask).ellipse([w // 4, h // 4, 3 * w // 4 + 40 * i, 3 * h // 4], fill=255)
+        skin[np.asarray(mask) > 0] *= 0.5
+        Image.fromarray(skin.clip(0, 255).astype(np.uint8)).save(os.path.join(img_dir, f"ISIC_{i:07d}.jpg"), quality=90)
+        mask.save(os.path.join(gt_dir, f"ISIC_{i:07d}_segmentation.png"))
+
+
+def samples_per_s(make, passes=1):
+    t = time.perf_counter()
+    ds = make()
+    count = 0
+    for _ in range(passes):
+        for i in range(len(ds)):
+            ds[i]
+            count += 1
+    return count / (time.perf_counter() - t), len(ds)
+
+
+def sec_data(a):
+    from data import SegDataset
+    n, scales = (64, (1.0, 0.5)) if a.quick else (256, (1.0, 0.5))
+    count = 4 if a.quick else 12
+    log("data")
+    rows = []
+    syn, _ = samples_per_s(lambda: SegDataset("synthetic", "train", n, scales, augment=True, length=8 if a.quick else 32))
+    rows.append(["synthetic renderer (augment)", f"{syn:.1f}"])
+    root = tempfile.mkdtemp(prefix="rat_bench_isic_")
+    try:
+        fake_isic(root, count, (300, 400) if a.quick else (1500, 2000))
+        isic = lambda: SegDataset("isic", "train", n, scales, augment=True, data_dir=root)
+        first, k = samples_per_s(isic)
+        later, _ = samples_per_s(isic, passes=2)
+        rows += [[f"ISIC loader, first pass ({k} JPEGs, {'300x400' if a.quick else '2000x1500'}, decode + cache)",
+                  f"{first:.1f}"], ["ISIC loader, later passes (cached PNGs)", f"{later:.1f}"]]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    model, x = seg("rat"), levels(n, scales=scales)
+    opt = torch.optim.AdamW(model.parameters())
+    step = timed({"s": lambda: train_step(model, x, opt)}, a.reps)["s"]
+    rows.append([f"RAT training step (batch 2, {n} px, scales {','.join(map(str, scales))})", f"{2 / step:.1f}"])
+    md = (f"Samples per second at {n} px in one process (`__getitem__` in a loop; train.py's DataLoader "
+          f"adds `--workers` processes per rank):\n\n" + table(["source", "samples/s"], rows))
+    return md, {}
+
+
+# ------------------------------------------------------------------------ distributed and threads
+def dist_worker(size, batch, steps):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = seg("rat")
+    ddp = DDP(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters())
+    x = levels(size, batch // world)
+    step = lambda: train_step(ddp, x, opt)
+    step()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dist.barrier()
+    per_step = (time.perf_counter() - t) / steps
+    grads = torch.zeros(sum(p.numel() for p in model.parameters()))
+    t = time.perf_counter()
+    for _ in range(5):
+        dist.all_reduce(grads)
+    if rank == 0:
+        print("RESULT " + json.dumps({"step": per_step, "allreduce": (time.perf_counter() - t) / 5,
+                                      "mib": grads.numel() * 4 / 2 ** 20}), flush=True)
+    dist.destroy_process_group()
+
+
+def sec_dist(a):
+    n, batch = (32, 2) if a.quick else (256, 4)
+    res = {}
+    for w in (1, 2):
+        log(f"dist {w}")
+        res[w] = run_worker(dict(kind="dist", size=n, batch=batch, steps=2 if a.quick else 5), a, nproc=w,
+                            env={"OMP_NUM_THREADS": str(a.threads)})
+    if any("error" in r for r in res.values()):
+        return "Failed: " + "; ".join(f"{w} process(es): {r.get('error')}" for w, r in res.items()), {}
+    t1, t2 = res[1]["step"], res[2]["step"]
+    md = (f"Global batch {batch} at {n} px, gloo on this CPU, {a.threads} thread(s) per process "
+          f"(torch.distributed.run --standalone):\n\n"
+          + table(["processes", "s / step", "speed-up", "all_reduce of the gradients, ms"],
+                  [[1, f"{t1:.3f}", "1.00", ""], [2, f"{t2:.3f}", f"{t1 / t2:.2f}", f"{res[2]['allreduce'] * 1e3:.1f}"]])
+          + f"\n\nIdeal with 2 processes: {t1 / 2:.3f} s / step; overhead {t2 - t1 / 2:+.3f} s / step "
+          f"(all_reduce of the {res[2]['mib']:.1f} MiB of gradients: {res[2]['allreduce'] * 1e3:.0f} ms; the rest "
+          f"is the processes sharing {os.cpu_count()} cores with each other and with whatever else runs). "
+          "On GPUs with NCCL, DDP overlaps the gradient all_reduce (a few MB for this model) with the backward "
+          "pass; over NVLink it costs well under a millisecond, so scaling is near-linear while the per-GPU "
+          "batch keeps the GPU busy (at 256 px, several images per GPU).")
+    return md, {}
+
+
+def step_worker(size, reps):
+    model, x = seg("rat"), levels(size)
+    return timed({"s": lambda: train_step(model, x)}, reps)
+
+
+def sec_threads(a):
+    n = 32 if a.quick else 256
+    rows = []
+    for label, threads, env in (("1 thread", 1, {}), ("2 threads, OpenMP default (spin-wait)", 2, {}),
+                                ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, {"OMP_WAIT_POLICY": "PASSIVE"})):
+        log(f"threads: {label}")
+        r = run_worker(dict(kind="step", size=n, reps=a.reps), argparse.Namespace(threads=threads), env=env)
+        rows.append([label, r.get("error") or f"{r['s'] * 1e3:.0f}"])
+    load = os.getloadavg()[0]
+    return (f"RAT training step at {n} px, batch 2, in a fresh process each (load average {load:.1f} on "
+            f"{os.cpu_count()} cores while measuring):\n\n" + table(["intra-op threads", "ms / step"], rows)), {}
+
+
+# ------------------------------------------------------------------------ compile, autocast
+def compile_worker(size, reps):
+    model, x = seg("rat"), levels(size)
+    compiled = torch.compile(model)
+    t = time.perf_counter()
+    train_step(compiled, x)
+    first = time.perf_counter() - t
+    return dict(timed({"eager": lambda: train_step(model, x), "compiled": lambda: train_step(compiled, x)}, reps),
+                compile=first)
+
+
+def sec_compile(a):
+    n = 32 if a.quick else 256
+    log("compile")
+    r = run_worker(dict(kind="compile", size=n, reps=a.reps), a, timeout=120 if a.quick else 600)
+    if "error" in r:
+        md = f"torch.compile of a training step at {n} px: failed ({r['error']})."
+    else:
+        md = (f"torch.compile (inductor, CPU) of a training step at {n} px, batch 2: first call (compile) "
+              f"{r['compile']:.0f} s; then eager {r['eager'] * 1e3:.0f} ms, compiled {r['compiled'] * 1e3:.0f} ms "
+              f"per step (speed-up {r['eager'] / r['compiled']:.2f}x).")
+    model, x = seg("rat"), levels(n)
+
+    def bf16():
+        with torch.autocast(device().type, dtype=torch.bfloat16):
+            train_step(model, x)
+    t = timed({"fp32": lambda: train_step(model, x), "bf16": bf16}, a.reps)
+    md += (f"\n\nbf16 autocast: train.py enables it on CUDA only. Here on {device().type}: float32 "
+           f"{t['fp32'] * 1e3:.0f} ms, bf16 autocast {t['bf16'] * 1e3:.0f} ms per step ({t['fp32'] / t['bf16']:.2f}x).")
+    return md, {}
+
+
+# ------------------------------------------------------------------------ before/after
+def modules_at(rev):
+    """model, sga, rose as they were at a git revision, as a separate `model` module."""
+    here, saved = os.path.dirname(os.path.abspath(__file__)), {k: sys.modules.get(k) for k in ("rose", "sga", "model")}
+    try:
+        for name in ("rose", "sga", "model"):
+            src = subprocess.run(["git", "-C", here, "show", f"{rev}:{name}.py"], capture_output=True, text=True,
+                                 check=True).stdout
+            sys.modules[name] = mod = types.ModuleType(name)
+            exec(compile(src, f"{rev}:{name}.py", "exec"), mod.__dict__)
+        return sys.modules["model"]
+    finally:
+        for k, v in saved.items():
+            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+
+
+def sec_optim(a):
+    try:
+        old = modules_at(a.before_rev)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        return f"Skipped: cannot read sga.py / rose.py at {a.before_rev} ({e}).", {}
+    rows = []
+    for D, n, batch in ((2, 64, 2), (3, 16, 1)) if a.quick else ((2, 512, 2), (2, 1024, 2), (3, 64, 1)):
+        log(f"before/after {D}D {n}")
+        new = seg("rat", spatial_dims=D)
+        torch.manual_seed(0)
+        before = old.RATSeg(spatial_dims=D, **RAT).to(device())
+        before.load_state_dict(new.state_dict())
+        x = levels(n, batch, D)
+        diff = (before(x) - new(x)).abs().max().item()
+        t = timed({"before": lambda: train_step(before, x), "after": lambda: train_step(new, x)}, a.reps)
+        rows.append([f"{D}D {n}^{D} x{batch}", f"{t['before'] * 1e3:.0f}", f"{t['after'] * 1e3:.0f}",
+                     f"{t['after'] / t['before']:.2f}", f"{diff:.1e}"])
+    return (f"RAT training step (forward+backward) with sga.py and rose.py at `{a.before_rev}` (before) and now "
+            f"(after), same weights, interleaved:\n\n"
+            + table(["input", "before ms", "after ms", "after / before", "max output diff"], rows)), {}
+
+
+# ------------------------------------------------------------------------ report
+def verdicts(m):
+    rows = []
+    s = m.get("scaling")
+    if s and (2, 256) in s["fits"]:
+        e = s["fits"][(2, 256)]
+        ok = e["train"] <= 1.1 and e["mem"] <= 1.1
+        rows.append(["1. time and memory exponent <= 1.1 (256 to 1024 px)",
+                     f"train time {e['train']:.2f}, memory {e['mem']:.2f} (FLOPs {e['flops']:.2f})",
+                     "met" if ok else "**not met**"])
+    if "baseline" in m:
+        r = max(m["baseline"]["unet"].values())
+        rows.append(["2. RAT step <= 2x U-Net step", "RAT / U-Net " + ", ".join(
+            f"{v:.2f} at {k} px" for k, v in m["baseline"]["unet"].items()), "met" if r <= 2 else "**not met**"])
+    if s and "error" not in s["res"].get((2, 512), {"error": 1}):
+        mem = s["res"][(2, 512)]["mem"]
+        rows.append(["3. 512x512 x2 forward+backward in 8 GB", f"{mem / 1024:.2f} GiB",
+                     "met" if mem < 8192 else "**not met**"])
+    if "util" in m:
+        u = m["util"]
+        rows.append(["4. FLOP/s against matmul peak", f"{u['achieved'] / 1e9:.1f} / {u['peak'] / 1e9:.1f} GFLOP/s = "
+                     f"{100 * u['util']:.0f}%; top op {u['top'][0][0]}", "reported"])
+    return table(["target", "measured", "verdict"], rows) if rows else "No target measured in these sections."
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
+    p.add_argument("--reps", type=int, default=None, help="timed repeats per measurement (min is kept)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable on a shared machine)")
+    p.add_argument("--before-rev", default="1bee64e", help="git revision of sga.py/rose.py for the before/after")
+    p.add_argument("--write", action="store_true", help="also write BENCHMARKS.md (atomically)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(json.loads(a.worker), a.threads)
+    torch.set_num_threads(a.threads)
+    a.reps = a.reps or (1 if a.quick else 3)
+    only = [s for s in a.only.split(",") if s]
+    if set(only) - set(SECTIONS):
+        p.error(f"unknown sections {sorted(set(only) - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
+    t0, parts, metrics = time.time(), [], {}
+    for name in SECTIONS:
+        if name in only:
+            md, metrics[name] = globals()[f"sec_{name}"](a)
+            parts.append(f"## {name}\n\n{md}\n")
+    cmd = "python bench.py " + " ".join(sys.argv[1:])
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
+        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    head = (f"# Benchmarks\n\nCommand: `{cmd.strip()}` ({time.time() - t0:.0f} s, {time.strftime('%Y-%m-%d')})  \n"
+            f"Machine: {cpu}, {os.cpu_count()} cores, {a.threads} intra-op thread(s), torch {torch.__version__}, "
+            f"device {device()}.\n\n## targets\n\n{verdicts(metrics)}\n")
+    out = "\n".join([head] + parts)
+    print(out)
+    if a.write:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md")
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+            f.write(out)
+        os.replace(f.name, path)
+
+
+if __name__ == "__main__":
+    main()

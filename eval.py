@@ -1,0 +1,367 @@
+"""Resolution sweep: evaluate one checkpoint at several test resolutions.
+
+    python eval.py --ckpt runs/seg/ckpt_best.pt --resolutions 64,128,256
+    python eval.py --ckpt runs/seg/ckpt_best.pt --resolutions 64,128,256 --ignore-spacing
+    python eval.py --task det --ckpt runs/det/ckpt_best.pt --resolutions 96,128,192
+
+The architecture and the data source come from the checkpoint. At each resolution r
+the split is rendered (synthetic) or resized from the originals (ISIC, COCO) at r, so
+the spacing the model sees is 1 / size per pyramid level: the same field of view, finer
+tokens (DESIGN.md section 1). --ignore-spacing feeds the training spacing instead, so
+the model is told every resolution is the training one: the gap between the two sweeps
+is what physical spacing buys. Writes, under --out: results.csv, results.md,
+results.json (one row per resolution), samples_<r>.png and, for detection,
+detections_<r>.json (COCO results format, for the official evaluator).
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import DetDataset, SegDataset, det_collate, level_sizes, seg_collate
+from metrics import SEG_METRICS, coco_ap, coco_results_json, seg_scores
+from train import ARCH, autocast, build_model, load_checkpoint
+
+DET_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+SCORE_THRESHOLD = 0.3  # predicted boxes drawn in the samples
+MIN_DISPLAY = 256      # samples are upscaled (nearest) to at least this many pixels
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint at several test resolutions")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--resolutions", required=True, help="comma-separated image sizes, e.g. 128,256,512")
+    p.add_argument("--task", default=None, choices=["seg", "det"], help="optional: must match the checkpoint")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="test by default: ckpt_best.pt was selected on val")
+    p.add_argument("--ignore-spacing", action="store_true", help="feed the training spacing at every resolution (seg; no effect on unet or --pe rope/none)")
+    p.add_argument("--samples", type=int, default=4, help="images drawn in samples_<r>.png (0: none)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--data-dir", default=None, help="dataset root (default: the one used for training)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    return p
+
+
+def parse_resolutions(text):
+    """'256,128' -> [128, 256]: increasing, so the CPU peak-RSS reading (monotonic) stays meaningful."""
+    values = []
+    for v in text.split(","):
+        try:
+            values.append(int(v))
+        except ValueError:
+            raise ValueError(f"--resolutions: {v!r} is not an integer (expected sizes like 128,256,512, "
+                             f"got {text!r})") from None
+        if values[-1] <= 0:
+            raise ValueError(f"--resolutions: every resolution must be positive, got {values[-1]}")
+    return sorted(set(values))
+
+
+def check_resolution(r, train_args):
+    """The stem needs at least one patch of real pixels on every pyramid level."""
+    if train_args["model"] != "rat":
+        return  # the baselines pad their input: any size runs
+    patch, coarsest = train_args["patch"], min(level_sizes(r, train_args["scales"])[-1])
+    if coarsest < patch:
+        raise ValueError(f"--resolutions: {r} is too small for this model: its coarsest pyramid level would be "
+                         f"{coarsest} px, below the stem patch of {patch} px")
+
+
+def training_spacings(train_args):
+    """Per level (dy, dx) as the model derived it during training: 1 / level size at the
+    training resolution (level_sizes rounds like the datasets do, so this is exact)."""
+    return [(1.0 / h, 1.0 / w) for h, w in level_sizes(train_args["image_size"], train_args["scales"])]
+
+
+def load_run(path, task):
+    """-> (training args dict, state dict), checked against --task."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise ValueError(f"{path}: not a train.py checkpoint (no 'model' and 'args' entries)")
+    train_args = ckpt["args"]
+    missing = [k for k in ARCH if k not in train_args]
+    if missing:
+        raise ValueError(f"{path}: checkpoint args lack {', '.join(missing)}")
+    if task is not None and task != train_args["task"]:
+        raise ValueError(f"--task {task}: checkpoint is for task {train_args['task']} ({path})")
+    return train_args, ckpt["model"]
+
+
+def build_eval_model(train_args, state, r, device, path):
+    # The detector resizes its input to image_size: set it to r so it keeps the test
+    # resolution. No weight depends on it, so the same state dict loads.
+    args = argparse.Namespace(**train_args)
+    if args.task == "det":
+        args.image_size = r
+    model = build_model(args)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the architecture in its args ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def build_eval_dataset(train_args, args, r):
+    common = dict(source=train_args.get("data", "synthetic"), split=args.split, image_size=r,
+                  data_dir=args.data_dir or train_args.get("data_dir"), seed=train_args.get("seed", 0),
+                  length=args.limit)
+    if train_args["task"] == "seg":
+        return SegDataset(scales=train_args["scales"], **common)  # same pyramid as training
+    return DetDataset(**common)
+
+
+# ---------------------------------------------------------------------------------------
+# timing and memory
+# ---------------------------------------------------------------------------------------
+
+def timed(fn, device):
+    """(fn(), seconds): the forward alone, synchronized so GPU work is counted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with autocast(device):
+        out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def peak_rss_mb():
+    # ru_maxrss is KiB on Linux (bytes on macOS). It is monotonic: "peak RSS of the process
+    # so far", so a resolution's growth only shows memory beyond every earlier peak. Fine
+    # here because resolutions run in increasing order, each needing more than the last.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
+
+
+def memory_start(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    return peak_rss_mb()
+
+
+def memory_peak_mb(device, start):
+    """CUDA: peak allocated during this resolution. CPU: growth of the process peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak_rss_mb() - start
+
+
+# ---------------------------------------------------------------------------------------
+# one resolution
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def eval_seg(model, loader, spacings, device, n_samples, desc):
+    """-> (mean metrics, seconds of forward, samples [(image [3,H,W], truth [1,H,W], pred [1,H,W])])."""
+    scores, seconds, samples = [], 0.0, []
+    for k, (levels, mask) in enumerate(tqdm(loader, desc=desc, leave=False)):
+        levels = [x.to(device) for x in levels]
+        if k == 0:
+            timed(lambda: model(levels, spacings), device)  # warm-up: lazy allocations, kernel selection
+        logits, dt = timed(lambda: model(levels, spacings), device)  # [B, 1, H, W]
+        pred, truth = logits > 0, mask.to(device) > 0.5
+        scores.append(seg_scores(pred, truth).cpu())  # [B, 5]
+        seconds += dt
+        take = max(0, n_samples - len(samples))
+        samples += [(x.cpu(), t.cpu(), p.cpu()) for x, t, p in zip(levels[0][:take], truth[:take], pred[:take])]
+    means = torch.cat(scores).mean(0).tolist()
+    return dict(zip(SEG_METRICS, means)), seconds, samples
+
+
+@torch.no_grad()
+def eval_det(model, loader, device, n_samples, desc):
+    """-> (COCO AP dict, seconds of forward, dets, targets, samples [(image, target, det)])."""
+    dets, targets, seconds, samples = [], [], 0.0, []
+    for k, (images, batch_targets) in enumerate(tqdm(loader, desc=desc, leave=False)):
+        images = [im.to(device) for im in images]
+        if k == 0:
+            timed(lambda: model(images), device)  # warm-up
+        out, dt = timed(lambda: model(images), device)  # boxes in pixels of the input (r x r)
+        out = [{key: v.float().cpu() if v.is_floating_point() else v.cpu() for key, v in o.items()} for o in out]
+        take = max(0, n_samples - len(samples))
+        samples += [(im.cpu(), t, d) for im, t, d in zip(images[:take], batch_targets, out)]
+        dets, targets, seconds = dets + out, targets + batch_targets, seconds + dt
+    gts = [{key: t[key] for key in ("boxes", "labels", "iscrowd")} for t in targets]  # crowd: ignored, not missed
+    return coco_ap(gts, dets, num_classes=loader.dataset.num_classes), seconds, dets, targets, samples
+
+
+def detections_json(dets, targets, dataset, r):
+    """COCO results: boxes back in original pixels; synthetic data uses the index in the
+    split as image id and 1..K as category ids."""
+    coco = dataset.source == "coco"
+    image_ids = [t["image_id"] for t in targets] if coco else list(range(len(dets)))
+    cat_ids = dataset.cat_ids if coco else list(range(1, dataset.num_classes + 1))
+    scaled = []
+    for d, t in zip(dets, targets):
+        h, w = t["orig_size"]
+        scaled.append({**d, "boxes": d["boxes"] * torch.tensor([w / r, h / r, w / r, h / r])})
+    return coco_results_json(scaled, image_ids, cat_ids)
+
+
+# ---------------------------------------------------------------------------------------
+# samples (PIL only)
+# ---------------------------------------------------------------------------------------
+
+def to_pil(x, scale):
+    """[3,H,W] image in [0,1] or [1,H,W] mask -> RGB, upscaled `scale` times (nearest: shows the pixels)."""
+    x = x.float().expand(3, *x.shape[1:])
+    image = Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def stack(rows, gap=4):
+    """rows of equally sized tiles -> one image, tiles side by side, rows top to bottom."""
+    w, h = rows[0][0].size
+    canvas = Image.new("RGB", (len(rows[0]) * (w + gap) - gap, len(rows) * (h + gap) - gap), "white")
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            canvas.paste(tile, (j * (w + gap), i * (h + gap)))
+    return canvas
+
+
+def seg_samples_png(samples, r):
+    scale = -(-MIN_DISPLAY // r)
+    return stack([[to_pil(image, scale), to_pil(truth, scale), to_pil(pred, scale)] for image, truth, pred in samples])
+
+
+def det_samples_png(samples, r, class_names):
+    """Per image: true boxes in green (label at the top), predictions scoring above
+    SCORE_THRESHOLD in red (label and score at the bottom)."""
+    scale, rows = -(-MIN_DISPLAY // r), []
+    for image, target, det in samples:
+        tile = to_pil(image, scale)
+        draw = ImageDraw.Draw(tile)
+        keep = det["scores"] > SCORE_THRESHOLD
+        boxes = [(b, class_names[c - 1], (0, 160, 0), True) for b, c in zip(target["boxes"].tolist(), target["labels"].tolist())]
+        boxes += [(b, f"{class_names[c - 1]} {s:.2f}", (220, 0, 0), False) for b, c, s in
+                  zip(det["boxes"][keep].tolist(), det["labels"][keep].tolist(), det["scores"][keep].tolist())]
+        for box, text, color, top in boxes:
+            x0, y0, x1, y1 = [v * scale for v in box]
+            draw.rectangle([x0, y0, x1, y1], outline=color, width=2)
+            left, t, right, b = draw.textbbox((x0, y0 if top else y1), text, anchor="lt" if top else "lb")
+            draw.rectangle([left - 1, t - 1, right + 1, b + 1], fill=color)  # readable on any background
+            draw.text((x0, y0 if top else y1), text, fill="white", anchor="lt" if top else "lb")
+        rows.append([tile])
+    return stack(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# output files
+# ---------------------------------------------------------------------------------------
+
+def write_atomic(path, data):
+    """Write to a temporary file, then rename: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a failed write leaves nothing behind
+            os.remove(tmp)
+
+
+def png_bytes(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def markdown(rows, meta):
+    spacing = "training spacing at every resolution (--ignore-spacing)" if meta["ignore_spacing"] else "spacing 1/size"
+    header = (f"Resolution sweep of `{meta['checkpoint']}`: {meta['model']} {meta['task']}, {meta['data']} "
+              f"{meta['split']} split ({rows[0]['images']} images), trained at {meta['train_image_size']} px, "
+              f"scales {meta['scales']}, {spacing}, {meta['device']}; memory: {meta['memory']}")
+    cols = list(rows[0])
+    fmt = lambda k, v: str(v) if isinstance(v, int) else f"{v:.1f}" if k in ("ms_per_image", "peak_mem_mb") else f"{v:.4f}"
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(k, row[k]) for k in cols) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out, rows, meta):
+    """results.csv / .md / .json, rewritten after every resolution (a long sweep that dies
+    keeps the rows it finished)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(os.path.join(out, "results.csv"), buf.getvalue())
+    write_atomic(os.path.join(out, "results.md"), markdown(rows, meta))
+    write_atomic(os.path.join(out, "results.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+
+def main(args):
+    # Everything that can be wrong with the command is checked before anything is written.
+    resolutions = parse_resolutions(args.resolutions)
+    if args.batch_size < 1 or args.samples < 0 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch-size and --limit must be positive, --samples non-negative")
+    train_args, state = load_run(args.ckpt, args.task)
+    task = train_args["task"]
+    if args.ignore_spacing and task != "seg":
+        raise ValueError("--ignore-spacing: only for --task seg (the detector builds its own pyramid)")
+    for r in resolutions:
+        check_resolution(r, train_args)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                   "eval_ignore_spacing" if args.ignore_spacing else "eval")
+    os.makedirs(out, exist_ok=True)
+    meta = dict(checkpoint=args.ckpt, task=task, model=train_args["model"], data=train_args.get("data", "synthetic"),
+                split=args.split, ignore_spacing=args.ignore_spacing, train_image_size=train_args["image_size"],
+                scales=",".join(f"{s:g}" for s in train_args["scales"]), device=str(device),
+                memory="peak allocated (CUDA)" if device.type == "cuda" else "growth of the process peak RSS (CPU)")
+    spacings = training_spacings(train_args) if args.ignore_spacing else None  # None: the model derives 1/size
+    model = build_eval_model(train_args, state, train_args["image_size"], device, args.ckpt) if task == "seg" else None
+    rows = []
+    for r in resolutions:
+        dataset = build_eval_dataset(train_args, args, r)
+        if len(dataset) == 0:
+            raise ValueError(f"--split {args.split}: no images in {meta['data']} {args.split}")
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                            collate_fn=seg_collate if task == "seg" else det_collate)
+        try:
+            if task == "det":
+                model = None  # free the previous detector before measuring memory
+                model = build_eval_model(train_args, state, r, device, args.ckpt)
+            mem = memory_start(device)
+            if task == "seg":
+                metrics, seconds, samples = eval_seg(model, loader, spacings, device, args.samples, f"{r} px")
+            else:
+                metrics, seconds, dets, targets, samples = eval_det(model, loader, device, args.samples, f"{r} px")
+            peak = memory_peak_mb(device, mem)
+        except RuntimeError as e:  # out of memory, or a shape this model cannot take
+            done = f"; results for smaller resolutions are in {out}" if rows else ""
+            raise ValueError(f"--resolutions: evaluation at {r} px failed: {str(e).splitlines()[0][:300]}{done}") from None
+        rows.append(dict(resolution=r, **metrics, ms_per_image=1000 * seconds / len(dataset),
+                         peak_mem_mb=peak, images=len(dataset)))
+        if samples:
+            png = seg_samples_png(samples, r) if task == "seg" else det_samples_png(samples, r, dataset.class_names)
+            write_atomic(os.path.join(out, f"samples_{r}.png"), png_bytes(png))
+        if task == "det":
+            write_atomic(os.path.join(out, f"detections_{r}.json"), json.dumps(detections_json(dets, targets, dataset, r)))
+        write_results(out, rows, meta)
+    print(markdown(rows, meta))
+    print(f"wrote {out}/results.{{csv,md,json}}")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
