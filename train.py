@@ -145,7 +145,8 @@ def det_loss(model, batch, device):
 @torch.no_grad()
 def evaluate(model, loader, args, device):
     """Metrics over the whole validation set, each sample counted once across ranks
-    (the loader holds this rank's disjoint shard, without padding)."""
+    (the loader holds this rank's disjoint shard, without padding): a dict of the
+    metrics and val_images, the number of images they cover."""
     model.eval()
     if args.task == "seg":
         total = torch.zeros(len(SEG_METRICS) + 1, dtype=torch.float64, device=device)
@@ -157,7 +158,7 @@ def evaluate(model, loader, args, device):
         if dist.is_initialized():
             dist.all_reduce(total)
         model.train()
-        return dict(zip(SEG_METRICS, (total[:-1] / total[-1]).tolist()))
+        return {**dict(zip(SEG_METRICS, (total[:-1] / total[-1]).tolist())), "val_images": int(total[-1])}
     gts, dets = [], []
     for images, targets in loader:
         with autocast(device):
@@ -169,7 +170,7 @@ def evaluate(model, loader, args, device):
         dist.all_gather_object(parts, (gts, dets))
         gts, dets = [g for p in parts for g in p[0]], [d for p in parts for d in p[1]]
     model.train()
-    return coco_ap(gts, dets, num_classes=args.num_classes)
+    return {**coco_ap(gts, dets, num_classes=args.num_classes), "val_images": len(gts)}
 
 
 def autocast(device):

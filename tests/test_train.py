@@ -1,4 +1,5 @@
 """train.py end to end: DDP equivalence, resume, preemption. Tiny runs on the CPU."""
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2",
-        "--val-size", "4", "--workers", "0", "--seed", "3"]
+        "--val-size", "5", "--workers", "0", "--seed", "3"]
 
 
 def train(out, *extra, nproc=1, wait=True):
@@ -38,6 +39,8 @@ def test_two_processes_equal_one_process(tmp_path):
     args = ["--epochs", "1", "--train-size", "24", "--batch-size", "8"]
     train(tmp_path / "one", *args)
     train(tmp_path / "two", *args, nproc=2)
+    # 5 validation images split across 2 ranks: each counted once (no padding)
+    assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text())["val_images"] == 5
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert torch.load(tmp_path / "two" / "ckpt_last.pt", weights_only=True)["step"] == 3
     assert max_diff(one, two) < 1e-5
@@ -72,3 +75,31 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, how):
     rerun = train(tmp_path / "cut", *args)
     assert f"resuming" in rerun.stdout
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "cut")) < 1e-6
+
+
+def test_detection_under_torchrun_counts_every_validation_image_once(tmp_path):
+    # 5 validation images over 2 ranks: a padding sampler would count one twice.
+    from argparse import Namespace
+
+    from torch.utils.data import DataLoader
+
+    from data import DetDataset, det_collate
+    from train import build_model, evaluate
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", "--task", "det", "--image-size", "64", "--dim", "32", "--depth", "2",
+                          "--heads", "2", "--train-size", "8", "--val-size", "5", "--batch-size", "4",
+                          "--epochs", "1", "--workers", "0", "--out", str(tmp_path)],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    ckpt = torch.load(tmp_path / "ckpt_last.pt", weights_only=True)
+    args = Namespace(**ckpt["args"])
+    model = build_model(args)
+    model.load_state_dict(ckpt["model"])
+    val = DetDataset("synthetic", "val", 64, length=5, seed=args.seed)
+    expected = evaluate(model, DataLoader(val, batch_size=5, collate_fn=det_collate), args, torch.device("cpu"))
+    assert logged["val_images"] == expected["val_images"] == 5
+    for k in ("AP", "AP50", "APs", "APm", "APl"):
+        assert logged[k] == pytest.approx(expected[k], abs=1e-6), k

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Component study of RAT: one change at a time from the default model, several seeds
+# each, one table (ablations/<preset>/results.md and results.csv) that answers:
+#   does multi-resolution input help   scales   1 | 1,0.5 (default) | 1,0.5,0.25
+#   what do RoSE and SGA contribute    pe       rose (default) | rope | absolute | none
+#                                      sga      local (default) | dense | none
+#   which depth and width              depth    2 | 4 (default) | 6 | 8
+#                                      dim      DIM/2 | DIM (default) | 3*DIM/2
+#   a baseline                         unet     the U-Net of model.py, same head and loss
+#   how robust to the test resolution  every run is evaluated (eval.py, test split) at
+#                                      0.5x, 1x and 2x its training size; the default
+#                                      (rose) also with --ignore-spacing.
+#
+#   bash ablate.sh                       # preset "cpu": synthetic data, 2 CPU cores, ~1 h
+#   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh      # ISIC 2018 on GPUs
+#
+# Presets (PRESET=...):
+#   cpu   (default) synthetic data, 64 px, 500 train / 100 val, 5 epochs, batch 16,
+#         dim 64, depth 4, heads 4, patch 2; two trainings at a time, one thread each.
+#   full  DATA=isic, 256 px, all images, 10 epochs, batch 16, dim 128, depth 4, heads 8,
+#         patch 4, lr 1e-4, dropout 0.1; one training at a time over NPROC GPUs (torchrun).
+#   tiny  a smoke test (seconds per run): 32 px, 16 train / 4 val, 1 epoch, dim 16.
+# Any of these env vars overrides the preset's value:
+#   DATA DATA_DIR IMAGE_SIZE TRAIN_SIZE VAL_SIZE TEST_LIMIT EPOCHS BATCH_SIZE LR DROPOUT
+#   DIM DEPTH HEADS PATCH SEEDS (comma-separated) NPROC (processes per training)
+#   JOBS (trainings at a time) THREADS (OMP_NUM_THREADS per process) WORKERS
+#   OUT (default ablations/<preset>) VARIANTS (comma-separated subset of the names below)
+#
+# Each run lives in OUT/runs/<variant>_s<seed>/ (train.py's run folder, plus eval/ and,
+# for the default, eval_ignore_spacing/). Rerunning skips finished runs; an interrupted
+# study resumes where it stopped (train.py resumes from ckpt_last.pt). A training that
+# runs out of memory leaves does_not_fit.txt and is reported as such (delete the file to
+# retry); any other failure leaves failed.txt, the study goes on, and the script exits 1
+# at the end (failed runs are retried on the next call). The table is written last, by
+# ablate_table.py (run it alone to rebuild the table from the run folders).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${PRESET:-cpu}
+case $PRESET in
+  cpu)
+    DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-64}; TRAIN_SIZE=${TRAIN_SIZE:-500}
+    VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-5}
+    BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
+    JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
+  full)
+    DATA=${DATA:-isic}; IMAGE_SIZE=${IMAGE_SIZE:-256}; TRAIN_SIZE=${TRAIN_SIZE:-}
+    VAL_SIZE=${VAL_SIZE:-}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-10}
+    BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-4}; DROPOUT=${DROPOUT:-0.1}; DIM=${DIM:-128}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-8}; PATCH=${PATCH:-4}
+    NPROC=${NPROC:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
+    JOBS=${JOBS:-1}; THREADS=${THREADS:-}; WORKERS=${WORKERS:-4} ;;
+  tiny)
+    DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-32}; TRAIN_SIZE=${TRAIN_SIZE:-16}
+    VAL_SIZE=${VAL_SIZE:-4}; TEST_LIMIT=${TEST_LIMIT:-4}; EPOCHS=${EPOCHS:-1}
+    BATCH_SIZE=${BATCH_SIZE:-8}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-16}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-2}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
+    JOBS=${JOBS:-1}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
+  *) echo "ablate.sh: unknown PRESET=$PRESET (cpu, full or tiny)" >&2; exit 2 ;;
+esac
+SEEDS=${SEEDS:-0,1,2}
+OUT=${OUT:-ablations/$PRESET}
+DATA_DIR=${DATA_DIR:-}
+RUNS=$OUT/runs
+[[ $DATA == synthetic || -n $DATA_DIR ]] || { echo "ablate.sh: DATA=$DATA needs DATA_DIR" >&2; exit 2; }
+[[ -n $THREADS ]] && export OMP_NUM_THREADS=$THREADS
+
+# The variants: name, what it changes (train.py flags appended to the default ones).
+ALL_VARIANTS=(
+  "default|"
+  "scales_1|--scales 1"
+  "scales_1_0.5_0.25|--scales 1,0.5,0.25"
+  "pe_rope|--pe rope"
+  "pe_absolute|--pe absolute"
+  "pe_none|--pe none"
+  "sga_dense|--sga dense"
+  "sga_none|--sga none"
+  "depth_2|--depth 2"
+  "depth_6|--depth 6"
+  "depth_8|--depth 8"
+  "dim_$((DIM / 2))|--dim $((DIM / 2))"
+  "dim_$((DIM * 3 / 2))|--dim $((DIM * 3 / 2))"
+  "unet|--model unet"
+)
+DEFAULT_FLAGS=(--task seg --data "$DATA" --image-size "$IMAGE_SIZE" --scales 1,0.5 --pe rose --sga local
+               --depth "$DEPTH" --dim "$DIM" --heads "$HEADS" --patch "$PATCH" --epochs "$EPOCHS"
+               --batch-size "$BATCH_SIZE" --lr "$LR" --dropout "$DROPOUT" --workers "$WORKERS")
+[[ -n $DATA_DIR ]] && DEFAULT_FLAGS+=(--data-dir "$DATA_DIR")
+[[ -n $TRAIN_SIZE ]] && DEFAULT_FLAGS+=(--train-size "$TRAIN_SIZE")
+[[ -n $VAL_SIZE ]] && DEFAULT_FLAGS+=(--val-size "$VAL_SIZE")
+RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2))
+if [[ $NPROC -gt 1 ]]; then LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
+else LAUNCH=(python); fi
+
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+flags_of() {  # variant name -> its extra train.py flags
+  local entry
+  for entry in "${ALL_VARIANTS[@]}"; do
+    [[ ${entry%%|*} == "$1" ]] && { echo "${entry#*|}"; return 0; }
+  done
+  echo "ablate.sh: unknown variant $1 (known: ${ALL_VARIANTS[*]%%|*})" >&2; return 1
+}
+
+train_done() {  # metrics.jsonl holds the final epoch
+  [[ -f $1/metrics.jsonl ]] && grep -q "^{\"epoch\": $EPOCHS," "$1/metrics.jsonl"
+}
+
+eval_dirs() {  # the eval folders a run needs
+  echo eval
+  [[ $2 == default ]] && echo eval_ignore_spacing
+  return 0
+}
+
+run_done() {
+  local dir=$1 name=$2 sub
+  [[ -f $dir/does_not_fit.txt ]] && return 0
+  train_done "$dir" || return 1
+  for sub in $(eval_dirs "$dir" "$name"); do [[ -f $dir/$sub/results.json ]] || return 1; done
+}
+
+record_failure() {  # dir, log file, byte offset where this attempt's output starts, exit status
+  local dir=$1 logfile=$2 from=$3 rc=$4 text
+  text=$(tail -c +"$((from + 1))" "$logfile" | tr '\r' '\n' | grep -v '^ *$' | tail -n 5)
+  if [[ $rc -eq 137 ]] || grep -qiE "out of memory|OutOfMemoryError|can't allocate memory|not enough memory" <<<"$text"; then
+    printf 'exit status %s\n%s\n' "$rc" "$text" >"$dir/does_not_fit.txt"
+    log "DOES NOT FIT $(basename "$dir"): $(tail -n 1 <<<"$text")"
+  else
+    printf 'exit status %s\n%s\n' "$rc" "$text" >"$dir/failed.txt"
+    log "FAILED $(basename "$dir") (exit $rc): $(tail -n 1 <<<"$text")"
+  fi
+}
+
+train_variant() {  # name seed -> 0 trained, 1 failed (recorded)
+  local name=$1 seed=$2 dir=$RUNS/${1}_s$2 rc=0 from start
+  train_done "$dir" && return 0
+  local -a extra
+  read -ra extra <<<"$(flags_of "$name")"
+  touch "$dir/train.log"
+  from=$(stat -c %s "$dir/train.log")
+  start=$SECONDS
+  log "train $name seed $seed: ${LAUNCH[*]} train.py ... ${extra[*]}"
+  "${LAUNCH[@]}" train.py "${DEFAULT_FLAGS[@]}" "${extra[@]}" --seed "$seed" --out "$dir" \
+    >>"$dir/train.log" 2>&1 || rc=$?
+  if [[ $rc -ne 0 ]]; then record_failure "$dir" "$dir/train.log" "$from" "$rc"; return 1; fi
+  log "trained $name seed $seed in $((SECONDS - start)) s"
+}
+
+eval_variant() {  # name seed -> 0 evaluated, 1 failed (recorded)
+  local name=$1 seed=$2 dir=$RUNS/${1}_s$2 sub rc from
+  local -a opts
+  for sub in $(eval_dirs "$dir" "$name"); do
+    [[ -f $dir/$sub/results.json ]] && continue
+    opts=(--ckpt "$dir/ckpt_best.pt" --resolutions "$RESOLUTIONS" --split test --samples 2
+          --workers "$WORKERS" --out "$dir/$sub.partial")
+    [[ -n $TEST_LIMIT ]] && opts+=(--limit "$TEST_LIMIT")
+    [[ $sub == eval_ignore_spacing ]] && opts+=(--ignore-spacing)
+    touch "$dir/eval.log"
+    from=$(stat -c %s "$dir/eval.log")
+    rm -rf "$dir/$sub.partial"
+    rc=0
+    python eval.py "${opts[@]}" >>"$dir/eval.log" 2>&1 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+      record_failure "$dir" "$dir/eval.log" "$from" "$rc"
+      # out of memory at a large resolution: keep the resolutions that fit, say so in the table
+      [[ -f $dir/does_not_fit.txt && -f $dir/$sub.partial/results.json ]] || return 1
+      mv "$dir/does_not_fit.txt" "$dir/$sub.partial/does_not_fit.txt"
+    fi
+    rm -rf "${dir:?}/$sub" && mv "$dir/$sub.partial" "$dir/$sub"  # results.json appears only when complete
+    log "evaluated $name seed $seed ($sub) at $RESOLUTIONS px"
+  done
+}
+
+run_one() {  # train then evaluate one (variant, seed); failures are recorded, not fatal
+  local name=$1 seed=$2 dir=$RUNS/${1}_s$2
+  if run_done "$dir" "$name"; then log "skip $name seed $seed (finished)"; return 0; fi
+  mkdir -p "$dir"
+  rm -f "$dir/failed.txt"
+  train_variant "$name" "$seed" && eval_variant "$name" "$seed" || true
+}
+
+on_interrupt() {  # Ctrl-C / SIGTERM: train.py saves ckpt_last.pt on SIGTERM and exits
+  trap '' INT TERM
+  log "interrupted: stopping the runs; run the same command again to resume" >&2
+  kill -TERM 0 2>/dev/null || true
+  wait || true
+  exit 130
+}
+
+main() {
+  local names=() name seed entry i=0 total
+  if [[ -n ${VARIANTS:-} ]]; then
+    IFS=', ' read -ra names <<<"$VARIANTS"
+    for name in "${names[@]}"; do flags_of "$name" >/dev/null; done
+  else
+    for entry in "${ALL_VARIANTS[@]}"; do names+=("${entry%%|*}"); done
+  fi
+  [[ $((DIM / 2 % HEADS)) -eq 0 && $((DIM * 3 / 2 % HEADS)) -eq 0 ]] || {
+    echo "ablate.sh: the width variants $((DIM / 2)), $((DIM * 3 / 2)) must be divisible by HEADS=$HEADS" >&2; exit 2; }
+  IFS=', ' read -ra seeds <<<"$SEEDS"
+  mkdir -p "$RUNS"
+  # what the table needs to know: the requested variants, their flags, the seeds
+  { echo -e "variant\tflags"; for name in "${names[@]}"; do echo -e "$name\t$(flags_of "$name")"; done; } >"$OUT/variants.tsv"
+  total=$((${#names[@]} * ${#seeds[@]}))
+  log "preset $PRESET: ${#names[@]} variants x ${#seeds[@]} seeds, $JOBS at a time, into $OUT"
+  log "default: ${LAUNCH[*]} train.py ${DEFAULT_FLAGS[*]}; eval at $RESOLUTIONS px"
+  trap on_interrupt INT TERM
+  for seed in "${seeds[@]}"; do          # seed-major: an early stop still has every variant once
+    for name in "${names[@]}"; do
+      i=$((i + 1))
+      log "[$i/$total] $name seed $seed"
+      run_one "$name" "$seed" &
+      while [[ $(jobs -rp | wc -l) -ge $JOBS ]]; do wait -n || true; done
+    done
+  done
+  wait
+  trap - INT TERM
+  python ablate_table.py --out "$OUT" --seeds "$SEEDS" --preset "$PRESET"
+  local failed
+  failed=$(find "$RUNS" -name failed.txt | sort)
+  if [[ -n $failed ]]; then log "failed runs (rerun to retry):"; echo "$failed"; exit 1; fi
+  log "done: $OUT/results.md"
+}
+
+main "$@"
