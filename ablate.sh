@@ -11,11 +11,11 @@
 #                                      0.5x, 1x and 2x its training size; the default
 #                                      (rose) also with --ignore-spacing.
 #
-#   bash ablate.sh                       # preset "cpu": synthetic data, 2 CPU cores, ~1 h
+#   bash ablate.sh                       # preset "cpu": synthetic data, 2 CPU cores, ~50 min
 #   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh      # ISIC 2018 on GPUs
 #
 # Presets (PRESET=...):
-#   cpu   (default) synthetic data, 64 px, 500 train / 100 val, 5 epochs, batch 16,
+#   cpu   (default) synthetic data, 64 px, 600 train / 100 val, 6 epochs, batch 16,
 #         dim 64, depth 4, heads 4, patch 2; two trainings at a time, one thread each.
 #   full  DATA=isic, 256 px, all images, 10 epochs, batch 16, dim 128, depth 4, heads 8,
 #         patch 4, lr 1e-4, dropout 0.1; one training at a time over NPROC GPUs (torchrun).
@@ -39,8 +39,8 @@ cd "$(dirname "$0")"
 PRESET=${PRESET:-cpu}
 case $PRESET in
   cpu)
-    DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-64}; TRAIN_SIZE=${TRAIN_SIZE:-500}
-    VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-5}
+    DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-64}; TRAIN_SIZE=${TRAIN_SIZE:-600}
+    VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-6}
     BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
     DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
@@ -122,6 +122,7 @@ run_done() {
 
 record_failure() {  # dir, log file, byte offset where this attempt's output starts, exit status
   local dir=$1 logfile=$2 from=$3 rc=$4 text
+  [[ $rc -eq 130 || $rc -eq 143 ]] && return 0  # interrupted (Ctrl-C, SIGTERM): resumed by the next call
   text=$(tail -c +"$((from + 1))" "$logfile" | tr '\r' '\n' | grep -v '^ *$' | tail -n 5)
   if [[ $rc -eq 137 ]] || grep -qiE "out of memory|OutOfMemoryError|can't allocate memory|not enough memory" <<<"$text"; then
     printf 'exit status %s\n%s\n' "$rc" "$text" >"$dir/does_not_fit.txt"
@@ -181,9 +182,13 @@ run_one() {  # train then evaluate one (variant, seed); failures are recorded, n
 }
 
 on_interrupt() {  # Ctrl-C / SIGTERM: train.py saves ckpt_last.pt on SIGTERM and exits
+  local pid
   trap '' INT TERM
   log "interrupted: stopping the runs; run the same command again to resume" >&2
-  kill -TERM 0 2>/dev/null || true
+  for pid in $(jobs -p); do
+    pkill -TERM -P "$pid" 2>/dev/null || true  # train.py / eval.py / torchrun of this job
+    kill -TERM "$pid" 2>/dev/null || true
+  done
   wait || true
   exit 130
 }

@@ -186,7 +186,7 @@ class SGA(nn.Module):
         self.to_q, self.to_kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
         self.rose = RoSE(dim // heads, heads, spatial_dims, pe, rotary_ratio) if pe in ("rose", "rope") else None
-        if self.rose is not None:   # k's output channels regrouped as [x1 | x2 | rest], each [heads, P] (see _local_forward)
+        if self.rose is not None:   # k's channels regrouped as [x1 | x2 | rest], each [heads, P]: see _local_forward
             d, P = dim // heads, self.rose.freqs.shape[1]
             part = [torch.arange(a, b) for a, b in ((0, P), (P, 2 * P), (2 * P, d))]
             order = torch.cat([(torch.arange(heads)[:, None] * d + p).flatten() for p in part])
@@ -227,8 +227,8 @@ class SGA(nn.Module):
     def _local_forward(self, x, groups, grid, spacing, go, so):
         """Local grouping. Layout: heads folded into the batch, fine tokens in blocks of
         their home group: kb, vb [Bh, M, S^D, d]; logits and A [Bh, M, K, S^D] (softmax
-        over K on a dim that is not the last: 10x faster on CPU than over a last dim
-        of 9). v carries an extra channel, 1 for real tokens and 0 for padding, so the
+        over K on a dim that is not the last: ~10x faster on CPU than over a last
+        dim of 9). v carries an extra channel, 1 for real tokens and 0 for padding, so the
         mass sum_i A_ij comes out of the same matmul and scatter as the weighted sum,
         and padding gets no weight without masking A. RoSE turns k in the token
         layout with k's channels regrouped as [x1 | x2 | rest] (rows of heads * P
@@ -247,7 +247,8 @@ class SGA(nn.Module):
             kv = F.linear(self.norm_x(x), self.to_kv.weight[order], self.to_kv.bias[order])
             hP = h * self.rose.freqs.shape[1]
             x1, x2, rest, v = kv.split([hP, hP, C - 2 * hP, C], dim=-1)          # [B, N, h * P], ..
-            cos, sin = (t.transpose(0, 1).reshape(N, hP) for t in self.rose(positions(grid, spacing, self.pe).to(x.device)))
+            cs = self.rose(positions(grid, spacing, self.pe).to(x.device))          # [h, N, P] each
+            cos, sin = (t.transpose(0, 1).reshape(N, hP) for t in cs)                # [N, h * P]
             kb = torch.cat([head_blocks(t, grid, S, h) for t in (*rotate_planes(x1, x2, cos, sin), rest)], dim=-1)
             kb = kb.reshape(B * h, M, S ** D, d)
             cs_groups = self.rose(positions(go, so, self.pe).to(x.device))

@@ -1,0 +1,129 @@
+"""ablate.sh and ablate_table.py: the study writes its table, skips finished runs,
+resumes after a kill, and reports a run that runs out of memory. Tiny preset, CPU."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def study_env(out, variants, **extra):
+    return {**os.environ, "PRESET": "tiny", "OUT": str(out), "VARIANTS": variants, "SEEDS": "0",
+            "EPOCHS": "1", "TRAIN_SIZE": "16", "VAL_SIZE": "4", "TEST_LIMIT": "4", **extra}
+
+
+def study(env):
+    run = subprocess.run(["bash", "ablate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def csv_rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def mtimes(run_dir):
+    return {p: os.stat(os.path.join(dp, p)).st_mtime_ns
+            for dp, _, files in os.walk(run_dir) for p in files if not p.endswith(".log")}
+
+
+def test_killed_study_resumes_and_finished_runs_are_skipped(tmp_path):
+    out = tmp_path / "study"
+    env = study_env(out, "default,pe_none")
+    first = out / "runs" / "default_s0"
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(["bash", "ablate.sh"], cwd=ROOT, env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+        try:
+            start = time.time()
+            while not (first / "eval_ignore_spacing" / "results.json").exists():  # the first run is finished
+                assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+                assert time.time() - start < 120
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole study: script, subshells, train.py / eval.py
+            proc.wait()
+    assert not (out / "results.md").exists()
+    before = mtimes(first)
+
+    log = study(env)  # resumes
+    assert "skip default seed 0 (finished)" in log and "] train default" not in log and "] train pe_none" in log
+    assert mtimes(first) == before  # nothing of the finished run was redone
+    second = out / "runs" / "pe_none_s0"
+    assert len((second / "metrics.jsonl").read_text().splitlines()) == 1  # one epoch, recorded once
+    assert (second / "eval" / "results.json").exists() and not (second / "eval_ignore_spacing").exists()
+    rows = csv_rows(out)
+    assert [r["variant"] for r in rows] == ["default", "default (tested with --ignore-spacing)", "pe_none"]
+    assert all(r["status"] == "ok" and r["seeds_ok"] == "1/1" and float(r["dice_mean"]) >= 0 for r in rows)
+    assert int(rows[0]["params"]) > 0 and float(rows[0]["train_time_s_mean"]) > 0
+    table = (out / "results.md").read_text()
+    assert "| pe_none | `--pe none` |" in table and "- pe_none: Dice 2x" in table
+
+    snapshot = {d: mtimes(out / "runs" / d) for d in ("default_s0", "pe_none_s0")}
+    log = study(env)  # everything finished: nothing runs again
+    assert log.count("(finished)") == 2 and "] train " not in log and "] evaluated " not in log
+    assert {d: mtimes(out / "runs" / d) for d in snapshot} == snapshot
+
+
+def test_out_of_memory_is_recorded_and_the_study_goes_on(tmp_path):
+    # A `python` in front of the real one: train.py with --sga dense dies like a CPU out-of-memory.
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ $1 == train.py && " $* " == *" --sga dense "* ]]; then\n'
+        "  echo 'RuntimeError: [enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+        "not enough memory: you tried to allocate 68719476736 bytes.' >&2; exit 1\n"
+        "fi\n"
+        f'exec {sys.executable} "$@"\n')
+    (shim / "python").chmod(0o755)
+    out = tmp_path / "study"
+    env = study_env(out, "sga_dense", PATH=f"{shim}:{os.environ['PATH']}")
+    log = study(env)
+    marker = out / "runs" / "sga_dense_s0" / "does_not_fit.txt"
+    assert "DOES NOT FIT sga_dense_s0" in log and "not enough memory" in marker.read_text()
+    assert csv_rows(out)[0]["status"] == "does not fit"
+    assert "| sga_dense | `--sga dense` |  |  | does not fit |" in (out / "results.md").read_text()
+    assert "skip sga_dense seed 0" in study(env)  # not retried (delete the marker to retry)
+
+
+def fake_run(run_dir, dice, size=32):
+    """A finished run folder as train.py and eval.py leave it, with made-up scores."""
+    os.makedirs(run_dir / "eval")
+    args = {"data": "synthetic", "image_size": size, "train_size": 16, "val_size": 4, "epochs": 2, "batch_size": 8,
+            "lr": 1e-3, "scales": [1.0, 0.5], "pe": "rose", "sga": "local", "depth": 4, "dim": 16, "heads": 2, "patch": 2}
+    (run_dir / "args.json").write_text(json.dumps(args))
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "epoch_time_s": 1.5}\n{"epoch": 2, "epoch_time_s": 2.5}\n')
+    torch.save({"model": {"w": torch.zeros(10, 10), "b": torch.zeros(10)}}, run_dir / "ckpt_last.pt")
+    rows = [{"resolution": r, "dice": d, "iou": d / 2, "images": 4} for r, d in zip((16, 32, 64), dice)]
+    (run_dir / "eval" / "results.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_table_statistics_and_comparisons(tmp_path):
+    (tmp_path / "variants.tsv").write_text("variant\tflags\ndefault\t\npe_none\t--pe none\nsga_dense\t--sga dense\n")
+    runs = tmp_path / "runs"
+    fake_run(runs / "default_s0", (0.5, 0.80, 0.7))
+    fake_run(runs / "default_s1", (0.5, 0.82, 0.7))
+    fake_run(runs / "pe_none_s0", (0.5, 0.60, 0.7))
+    fake_run(runs / "pe_none_s1", (0.5, 0.64, 0.7))
+    os.makedirs(runs / "sga_dense_s0")
+    (runs / "sga_dense_s0" / "does_not_fit.txt").write_text("exit status 1\nout of memory\n")
+    run = subprocess.run([sys.executable, "ablate_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = {r["variant"]: r for r in csv_rows(tmp_path)}
+    assert abs(float(rows["default"]["dice_mean"]) - 0.81) < 1e-9
+    assert abs(float(rows["default"]["dice_std"]) - 0.02 ** 0.5 / 10) < 1e-9  # sample std of 0.80, 0.82
+    assert rows["default"]["params"] == "110" and float(rows["default"]["train_time_s_mean"]) == 4.0
+    assert rows["sga_dense"]["status"] == "does not fit, missing" and rows["sga_dense"]["seeds_ok"] == "0/2"
+    table = (tmp_path / "results.md").read_text()
+    assert "- pe_none: Dice 0.620 ± 0.028 vs 0.810 ± 0.014: difference -0.190 exceeds the combined std 0.042" in table
+    assert "- pe_none: Dice 2x 0.700 ± 0.000 vs 0.700 ± 0.000: difference +0.000 is within" in table
+    assert "sga_dense" not in table.split("Differences")[1]  # nothing to compare
