@@ -49,6 +49,17 @@ def test_two_processes_equal_one_process(tmp_path):
     assert max_diff(one, weights(tmp_path / "other")) > 1e-3
 
 
+@pytest.mark.parametrize("flags", [["--channels-last"], ["--compile", "aot_eager"]])
+def test_gpu_options_run_on_cpu_and_train_the_same_weights(tmp_path, flags):
+    # --channels-last and --compile are for GPUs, but must work here and must not change
+    # the arithmetic beyond rounding. aot_eager runs torch.compile's graph capture and
+    # autograd tracing without inductor's C++ code generation (minutes on this CPU).
+    args = ["--epochs", "1", "--train-size", "16", "--batch-size", "8"]
+    train(tmp_path / "eager", *args)
+    train(tmp_path / "option", *args, *flags)
+    assert max_diff(weights(tmp_path / "eager"), weights(tmp_path / "option")) < 1e-4
+
+
 def wait_for_checkpoint(proc, path, timeout=120):
     start = time.time()
     while not os.path.exists(path):
