@@ -127,3 +127,10 @@ def test_table_statistics_and_comparisons(tmp_path):
     assert "- pe_none: Dice 0.620 ± 0.028 vs 0.810 ± 0.014: difference -0.190 exceeds the combined std 0.042" in table
     assert "- pe_none: Dice 2x 0.700 ± 0.000 vs 0.700 ± 0.000: difference +0.000 is within" in table
     assert "sga_dense" not in table.split("Differences")[1]  # nothing to compare
+
+
+def test_readme_shows_the_table_the_study_wrote():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start, end = "<!-- begin ablations/cpu/results.md -->\n", "\n<!-- end ablations/cpu/results.md -->"
+    shown = readme[readme.index(start) + len(start):readme.index(end)]
+    assert shown == open(os.path.join(ROOT, "ablations", "cpu", "results.md")).read().rstrip()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import synthetic
 
 
 def pool(x, k):
@@ -33,19 +34,19 @@ def test_parse_scales_and_level_sizes():
 # --------------------------- synthetic lesions ------------------------------------------
 
 def test_lesion_render_is_deterministic_and_distinct():
-    image, mask = data.render_lesion(0, 7, (48, 40))
+    image, mask = synthetic.render_lesion(0, 7, (48, 40))
     assert image.shape == (48, 40, 3) and image.dtype == np.float32 and mask.shape == (48, 40) and mask.dtype == bool
     assert 0 <= image.min() and image.max() <= 1 and mask.any()
-    again, mask_again = data.render_lesion(0, 7, (48, 40))
+    again, mask_again = synthetic.render_lesion(0, 7, (48, 40))
     assert np.array_equal(image, again) and np.array_equal(mask, mask_again)
-    assert not np.allclose(image, data.render_lesion(0, 8, (48, 40))[0])
-    assert not np.allclose(image, data.render_lesion(1, 7, (48, 40))[0])
+    assert not np.allclose(image, synthetic.render_lesion(0, 8, (48, 40))[0])
+    assert not np.allclose(image, synthetic.render_lesion(1, 7, (48, 40))[0])
 
 
 def test_lesion_is_the_same_scene_at_every_resolution():
     for index in range(4):
-        fine, fine_mask = data.render_lesion(0, index, (256, 256))
-        coarse, coarse_mask = data.render_lesion(0, index, (64, 64))
+        fine, fine_mask = synthetic.render_lesion(0, index, (256, 256))
+        coarse, coarse_mask = synthetic.render_lesion(0, index, (64, 64))
         assert ((pool(fine_mask, 4) > 0.5) == coarse_mask).mean() >= 0.95
         # the coarse render approximates the area average of the fine one (box-filtered waves and edges)
         assert np.abs(pool(fine, 4) - coarse).mean() < 0.01
@@ -53,12 +54,12 @@ def test_lesion_is_the_same_scene_at_every_resolution():
 
 def test_drawing_inside_windows_matches_drawing_everywhere(monkeypatch):
     # the renderer evaluates each shape only inside its bounding window; that must not clip anything
-    cases = [(data.lesion_scene(0, i), size, data.random_affine(np.random.default_rng(i)))
+    cases = [(synthetic.lesion_scene(0, i), size, data.random_affine(np.random.default_rng(i)))
              for i, size in [(0, (48, 64)), (1, (64, 64)), (2, (40, 40))]]
-    windowed = [data.draw_lesion(*case) for case in cases]
-    monkeypatch.setattr(data.PixelGrid, "window", lambda self, lo, hi: (slice(None), slice(None)))
+    windowed = [synthetic.draw_lesion(*case) for case in cases]
+    monkeypatch.setattr(synthetic.PixelGrid, "window", lambda self, lo, hi: (slice(None), slice(None)))
     for (image, mask), case in zip(windowed, cases):
-        full_image, full_mask = data.draw_lesion(*case)
+        full_image, full_mask = synthetic.draw_lesion(*case)
         assert np.array_equal(image, full_image) and np.array_equal(mask, full_mask)
 
 
@@ -92,12 +93,12 @@ def test_seg_augmentation_is_consistent_across_image_mask_and_levels():
         assert (levels[1] - F.avg_pool2d(levels[0], 2)).abs().mean() < 0.03
         # re-derive the geometry from the sample's seed: the mask follows the same transform
         affine = data.random_affine(data._augment_rng(0, i, 0))
-        scene = data.lesion_scene(0, data._scene_index("train", i))
-        assert torch.equal(mask[0], torch.from_numpy(data.draw_lesion(scene, (64, 64), affine)[1]).float())
+        scene = synthetic.lesion_scene(0, data._scene_index("train", i))
+        assert torch.equal(mask[0], torch.from_numpy(synthetic.draw_lesion(scene, (64, 64), affine)[1]).float())
     # a pure horizontal flip of the scene equals the mirrored render
-    scene = data.lesion_scene(0, 3)
-    image, mask = data.draw_lesion(scene, (64, 64))
-    flipped, flipped_mask = data.draw_lesion(scene, (64, 64), (np.diag([-1.0, 1.0]), np.zeros(2)))
+    scene = synthetic.lesion_scene(0, 3)
+    image, mask = synthetic.draw_lesion(scene, (64, 64))
+    flipped, flipped_mask = synthetic.draw_lesion(scene, (64, 64), (np.diag([-1.0, 1.0]), np.zeros(2)))
     assert np.abs(flipped - image[:, ::-1]).max() < 1e-3 and (flipped_mask == mask[:, ::-1]).mean() > 0.999
 
 
@@ -257,16 +258,16 @@ def coco_area_ranges(boxes):
 
 
 def test_shapes_render_is_deterministic_and_valid():
-    image, target = data.render_shapes(0, 3, 64)
-    again, target_again = data.render_shapes(0, 3, 64)
+    image, target = synthetic.render_shapes(0, 3, 64)
+    again, target_again = synthetic.render_shapes(0, 3, 64)
     assert image.shape == (64, 64, 3) and np.array_equal(image, again)
     assert np.array_equal(target["boxes"], target_again["boxes"])
     counts = []
     for index in range(60):
-        image, target = data.render_shapes(0, index, 64)
+        image, target = synthetic.render_shapes(0, index, 64)
         boxes, labels = target["boxes"], target["labels"]
         assert boxes.dtype == np.float32 and labels.dtype == np.int64 and len(boxes) == len(labels) <= 6
-        assert ((labels >= 1) & (labels <= len(data.SHAPE_CLASSES))).all()
+        assert ((labels >= 1) & (labels <= len(synthetic.SHAPE_CLASSES))).all()
         assert (boxes >= 0).all() and (boxes <= 64).all() and (boxes[:, 2:] > boxes[:, :2]).all()
         counts += labels.tolist()
     assert set(counts) == {1, 2, 3}
@@ -274,15 +275,15 @@ def test_shapes_render_is_deterministic_and_valid():
 
 def test_shape_boxes_scale_with_resolution():
     for index in range(5):
-        small, large = data.render_shapes(0, index, 64)[1]["boxes"], data.render_shapes(0, index, 160)[1]["boxes"]
+        small, large = synthetic.render_shapes(0, index, 64)[1]["boxes"], synthetic.render_shapes(0, index, 160)[1]["boxes"]
         assert np.allclose(large, small * 2.5, atol=1e-3)
-    image, target = data.render_shapes(0, 1, (48, 96))
+    image, target = synthetic.render_shapes(0, 1, (48, 96))
     assert image.shape == (48, 96, 3) and (target["boxes"][:, [1, 3]] <= 48).all()
 
 
 @pytest.mark.parametrize("size", [128, 160])
 def test_shapes_cover_all_coco_area_ranges(size):
-    boxes = [o["box"] for i in range(200) for o in data.shapes_scene(0, i)["objects"]]
+    boxes = [o["box"] for i in range(200) for o in synthetic.shapes_scene(0, i)["objects"]]
     ranges = coco_area_ranges(np.array(boxes) * size)
     assert all(n >= 10 for n in ranges.values()), ranges
 
@@ -290,7 +291,7 @@ def test_shapes_cover_all_coco_area_ranges(size):
 def test_det_dataset_synthetic_targets_and_flip():
     plain = data.DetDataset("synthetic", "train", 64, length=8)
     aug = data.DetDataset("synthetic", "train", 64, augment=True, length=8)
-    assert plain.num_classes == 3 and plain.class_names == data.SHAPE_CLASSES
+    assert plain.num_classes == 3 and plain.class_names == synthetic.SHAPE_CLASSES
     flips = 0
     for i in range(8):
         image, target = plain[i]
