@@ -499,17 +499,10 @@ def sec_compile(a):
     def bf16():
         with torch.autocast(device().type, dtype=torch.bfloat16):
             train_step(model, x)
-    # channels-last (train.py --channels-last) changes the layout of conv weights, and so of their outputs
-    last = {k: seg(k).to(memory_format=torch.channels_last) for k in ("rat", "unet")}
-    unet = seg("unet")
-    t = timed({"fp32": lambda: train_step(model, x), "bf16": bf16, "rat_cl": lambda: train_step(last["rat"], x),
-               "unet": lambda: train_step(unet, x), "unet_cl": lambda: train_step(last["unet"], x)}, a.reps)
+    t = timed({"fp32": lambda: train_step(model, x), "bf16": bf16}, a.reps)
     md += (f"\n\nbf16 autocast (full model, depth 4): train.py enables it on CUDA only. Here on {device().type}: "
            f"float32 "
            f"{t['fp32'] * 1e3:.0f} ms, bf16 autocast {t['bf16'] * 1e3:.0f} ms per step ({t['fp32'] / t['bf16']:.2f}x).")
-    md += (f"\n\nChannels-last (`--channels-last`), same step: RAT {t['fp32'] * 1e3:.0f} -> {t['rat_cl'] * 1e3:.0f} ms "
-           f"({t['rat_cl'] / t['fp32']:.2f}x; only its stem and head are convolutions), U-Net "
-           f"{t['unet'] * 1e3:.0f} -> {t['unet_cl'] * 1e3:.0f} ms ({t['unet_cl'] / t['unet']:.2f}x).")
     return md, {}
 
 
