@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from synthetic import SHAPE_CLASSES, as_hw, draw_lesion, lesion_scene, render_lesion, render_shapes
+from synthetic import AUGMENT_STREAM, SHAPE_CLASSES, as_hw, draw_lesion, lesion_scene, render_lesion, render_shapes
 
 # Synthetic splits are consecutive blocks of scene indices: train, val, test.
 N_TRAIN, N_VAL, N_TEST = 2000, 200, 200
-_AUGMENT_STREAM = 3  # synthetic.py's scenes draw from streams 1 and 2
 _ISIC_SPLIT_SEED = 2018  # fixed, independent of --seed, so a carved test set never moves
 
 
@@ -165,7 +164,7 @@ def otsu_threshold(values, bins=256):
 
 def _augment_rng(seed, index, epoch):
     # seeded by the sample, never by worker RNG state: reproducible for any number of workers
-    return np.random.default_rng([seed, index, epoch, _AUGMENT_STREAM])
+    return np.random.default_rng([seed, index, epoch, AUGMENT_STREAM])
 
 
 def random_affine(rng):

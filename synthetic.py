@@ -18,9 +18,9 @@ import numpy as np
 
 SHAPE_CLASSES = ("disk", "square", "triangle")
 
-# Independent random streams per purpose (data.py's augmentation draws from 3), so adding
+# Independent random streams per purpose (scenes here, augmentation in data.py), so adding
 # a parameter to one never moves the other.
-LESION_STREAM, SHAPES_STREAM = 1, 2
+LESION_STREAM, SHAPES_STREAM, AUGMENT_STREAM = 1, 2, 3
 
 
 def as_hw(size):

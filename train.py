@@ -91,6 +91,9 @@ def fill_defaults(args):
         raise ValueError(f"--dim {args.dim}: torchvision's FCOS head uses GroupNorm(32), so --dim must be a multiple of 32")
     if args.dim % args.heads:
         raise ValueError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(f"--compile {args.compile}: unknown backend (known: "
+                         f"{', '.join(torch.compiler.list_backends(exclude_tags=()))})")
     args.scales = parse_scales(args.scales) if isinstance(args.scales, str) else args.scales
     if isinstance(args.strides, str):
         try:
@@ -243,6 +246,8 @@ def main(args):
     train_set, val_set = build_datasets(args)
     args.num_classes = getattr(train_set, "num_classes", 1)
     model = build_model(args).to(device)
+    if args.channels_last:  # before the optimizer and the checkpoint see the parameters
+        model = model.to(memory_format=torch.channels_last)  # conv weights; their outputs follow
     local_batch = args.batch_size // world
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
@@ -274,8 +279,6 @@ def main(args):
             json.dump(vars(args), f, indent=2)
         print(f"{args.model} {args.task}: {num_params(model) / 1e6:.2f}M parameters, {world} process(es) on {device}, "
               f"{len(train_set)} train / {len(val_set)} val samples, {total_steps} steps")
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # conv weights; their outputs follow
     ddp = DDP(model) if world > 1 else model
     if args.compile:  # after DDP, so that the compiled graph splits at DDP's gradient buckets
         ddp = torch.compile(ddp, backend=args.compile)

@@ -258,6 +258,10 @@ def test_bad_scales(tmp_path, scales):
     assert_clean_error(run("train.py", *TINY, "--scales", scales, "--out", str(tmp_path)), "--scales")
 
 
+def test_unknown_compile_backend(tmp_path):
+    assert_clean_error(run("train.py", *TINY, "--compile", "nope", "--out", str(tmp_path)), "--compile nope")
+
+
 def test_batch_not_divisible_by_processes(tmp_path):
     result = run("train.py", *TINY, "--batch-size", "7", "--out", str(tmp_path), nproc=2)
     # torchrun itself reports a failed child with its own traceback; ours must not appear in it
