@@ -26,6 +26,8 @@ from synthetic import AUGMENT_STREAM, SHAPE_CLASSES, as_hw, draw_lesion, lesion_
 # Synthetic splits are consecutive blocks of scene indices: train, val, test.
 N_TRAIN, N_VAL, N_TEST = 2000, 200, 200
 _ISIC_SPLIT_SEED = 2018  # fixed, independent of --seed, so a carved test set never moves
+_COCO_SPLIT_SEED = 2017  # the same for COCO's validation hold-out of train2017
+COCO_VAL_SIZE = 5000     # images of train2017 held out for validation (train.py --coco-val-size)
 
 
 def parse_scales(text):
@@ -68,12 +70,22 @@ def _synthetic_length(split, length):
 # ---------------------------------------------------------------------------------------
 
 class SegDataset(torch.utils.data.Dataset):
-    """(levels, mask): levels[l] is [3, h_l, w_l] for scale l (finest first), mask is [1, H, W]."""
+    """(levels, mask): levels[l] is [3, h_l, w_l] for scale l (finest first), mask is [1, H, W].
+
+    Real images of any aspect ratio are squashed to image_size (field of view 1 on each
+    axis, so a level's spacing is 1 / its size on each axis, whatever the original shape).
+    original_masks (ISIC, no augmentation): the mask is instead the original ground truth,
+    bool [1, H0, W0] at the image's own size, read per sample, for scoring as the ISIC
+    challenge does (metrics.score_logits resizes the prediction back to it).
+    """
 
     def __init__(self, source, split, image_size, scales=(1.0,), augment=False,
-                 data_dir=None, seed=0, length=None, cache_dir=None):
+                 data_dir=None, seed=0, length=None, cache_dir=None, original_masks=False):
         self.source, self.split, self.augment, self.seed = source, split, augment, seed
-        self.size = as_hw(image_size)
+        if original_masks and (source != "isic" or augment):
+            raise ValueError("original_masks: only for ISIC data without augmentation")
+        self.original_masks = original_masks
+        self.size, self.scales = as_hw(image_size), scales
         self.sizes = level_sizes(self.size, scales)
         self.epoch = 0
         if source == "synthetic":
@@ -83,7 +95,8 @@ class SegDataset(torch.utils.data.Dataset):
                 raise ValueError("--data isic needs --data-dir (the folder holding ISIC2018_Task1-2_Training_Input)")
             # Decoding a 6000 px JPEG takes ~0.5 s: decode each once, keep a resized PNG copy.
             cache_dir = cache_dir or os.path.join(data_dir, ".cache", f"{self.size[0]}x{self.size[1]}")
-            self.files = cache_isic_split(isic_split_files(data_dir, split), self.size, cache_dir)
+            self.originals = isic_split_files(data_dir, split)
+            self.files = cache_isic_split(self.originals, self.size, cache_dir)
             self.length = len(self.files) if length is None else min(length, len(self.files))
         else:
             raise ValueError(f"unknown segmentation data source {source!r} (expected synthetic or isic)")
@@ -96,41 +109,59 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        # key: an index, or (index, size) when train.py's --train-sizes picks each batch's size
+        i, size = key if isinstance(key, tuple) else (key, self.size)
+        sizes = level_sizes(size, self.scales)
         aug = _augment_rng(self.seed, i, self.epoch) if self.augment else None
         if self.source == "synthetic":
-            levels, mask = self._render(i, aug)
+            levels, mask = self._render(i, aug, sizes)
         else:
-            levels, mask = self._load(i, aug)
+            levels, mask = self._load(i, aug, sizes)
         if aug is not None:
             levels = color_jitter(levels, aug)
         return levels, mask
 
-    def _render(self, i, aug):
+    def _render(self, i, aug, sizes):
         scene = lesion_scene(self.seed, _scene_index(self.split, i))
         affine = random_affine(aug) if aug is not None else None
         levels = []
-        for size in self.sizes:
-            image, mask = draw_lesion(scene, size, affine, with_mask=size == self.size)
+        for size in sizes:
+            image, mask = draw_lesion(scene, size, affine, with_mask=size == sizes[0])
             levels.append(torch.from_numpy(image).permute(2, 0, 1))
-            if size == self.size:
+            if size == sizes[0]:
                 mask_out = torch.from_numpy(mask)[None].float()
         return levels, mask_out
 
-    def _load(self, i, aug):
+    def _load(self, i, aug, sizes):
         image_path, mask_path = self.files[i]
         with Image.open(image_path) as image, Image.open(mask_path) as mask:
             image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255  # [3,H,W]
             mask = torch.from_numpy(np.asarray(mask) > 127)[None].float()  # [1,H,W]
         if aug is not None:
             image, mask = warp_pair(image, mask, random_affine(aug))
-        levels = [image] + [resize(image, size) for size in self.sizes[1:]]
+        if self.original_masks:
+            mask = self.original_mask(i)
+        if sizes[0] != self.size:  # --train-sizes: resampled from the copy cached at --image-size
+            image = resize(image, sizes[0])
+            mask = (resize(mask, sizes[0]) > 0.5).float() if not self.original_masks else mask
+        levels = [image] + [resize(image, size) for size in sizes[1:]]
         return levels, mask
+
+    def original_mask(self, i):
+        """The ground truth of sample i at its original size, bool [1, H0, W0] (bool: a
+        6000 x 4000 mask is 24 MB, not 96)."""
+        path = self.originals[i][1]
+        mask, _ = open_image(path)
+        return torch.from_numpy(binary_mask(mask, path))[None]
 
 
 def seg_collate(batch):
+    """-> (levels: one [B,3,h_l,w_l] per level, masks: [B,1,H,W], or a list of per-image
+    masks when their sizes differ, as original-size ground truths do)."""
     levels, masks = zip(*batch)
-    return [torch.stack(level) for level in zip(*levels)], torch.stack(masks)
+    same = all(m.shape == masks[0].shape for m in masks)
+    return [torch.stack(level) for level in zip(*levels)], torch.stack(masks) if same else list(masks)
 
 
 def color_threshold_baseline(images):
@@ -256,6 +287,14 @@ def isic_pairs(root, image_folder, mask_folder):
 def cache_isic_split(pairs, size, cache_dir):
     """Resized PNG copies of every (image, mask) pair, made once; decoding runs in threads (PIL releases the GIL)."""
     todo = sum(not os.path.exists(_cache_paths(img, cache_dir)[1]) for img, _ in pairs)
+    if todo:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cache_dir):
+                pass
+        except OSError as e:  # a read-only dataset mount, say
+            raise ValueError(f"{cache_dir}: cannot write the decoded-image cache ({e.strerror}); "
+                             f"pass --cache-dir DIR on a writable disk") from None
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         jobs = pool.map(lambda pair: cache_isic_pair(*pair, size, cache_dir), pairs)
         return list(tqdm(jobs, total=len(pairs), desc=f"caching {cache_dir}", disable=todo == 0))
@@ -325,9 +364,18 @@ def save_png_atomic(image, path):
 
 class DetDataset(torch.utils.data.Dataset):
     """(image [3,S,S], target): boxes [N,4] xyxy in pixels of the returned image, labels [N] in 1..K,
-    iscrowd [N], area [N] (COCO's annotation area in returned pixels), image_id, orig_size (h, w)."""
+    iscrowd [N], area [N] (COCO's annotation area in returned pixels), image_id, orig_size (h, w),
+    and eval_gt: the ground truth as COCOeval sees it, in original pixels (COCO: every annotation
+    of a known category with its own bbox and area, unclipped, including the boxes dropped from
+    training), for metrics.coco_ap against detections mapped back by boxes_to_original.
 
-    def __init__(self, source, split, image_size, augment=False, data_dir=None, seed=0, length=None):
+    COCO splits: test is val2017; val is a fixed, seeded hold-out of coco_val_size train2017
+    images (independent of --seed) and train the rest of train2017, so the split that
+    picks ckpt_best.pt is never the one reported. Images of any aspect ratio are squashed
+    to S x S; boxes follow with their own x and y scales."""
+
+    def __init__(self, source, split, image_size, augment=False, data_dir=None, seed=0, length=None,
+                 coco_val_size=COCO_VAL_SIZE):
         self.source, self.split, self.size, self.augment, self.seed = source, split, image_size, augment, seed
         self.epoch = 0
         if source == "synthetic":
@@ -336,7 +384,7 @@ class DetDataset(torch.utils.data.Dataset):
         elif source == "coco":
             if data_dir is None:
                 raise ValueError("--data coco needs --data-dir (the folder holding annotations/ and train2017/)")
-            self.records, self.cat_ids, self.class_names = load_coco(data_dir, split)
+            self.records, self.cat_ids, self.class_names = load_coco(data_dir, split, coco_val_size)
             self.length = len(self.records) if length is None else min(length, len(self.records))
         else:
             raise ValueError(f"unknown detection data source {source!r} (expected synthetic or coco)")
@@ -348,40 +396,52 @@ class DetDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        # key: an index, or (index, size) when train.py's --train-sizes picks each batch's size
+        i, size = key if isinstance(key, tuple) else (key, self.size)
         if self.source == "synthetic":
             index = _scene_index(self.split, i)
-            image, target = render_shapes(self.seed, index, self.size)
+            image, target = render_shapes(self.seed, index, size)
             image = torch.from_numpy(image).permute(2, 0, 1)
             boxes = target["boxes"]
             target = dict(boxes=torch.from_numpy(boxes), labels=torch.from_numpy(target["labels"]),
                           iscrowd=torch.zeros(len(boxes), dtype=torch.int64),
                           area=torch.from_numpy((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])),
-                          image_id=index, orig_size=(self.size, self.size))
+                          image_id=index, orig_size=(size, size))
+            # rendered at this size: the original pixels are the returned ones
+            target["eval_gt"] = {k: target[k] for k in ("boxes", "labels", "iscrowd")}
         else:
-            image, target = self._load_coco(i)
+            image, target = self._load_coco(i, size)
         if self.augment:  # horizontal flip and colour jitter: vertical flips are unnatural for COCO
             rng = _augment_rng(self.seed, i, self.epoch)
             if rng.uniform() < 0.5:
                 image, boxes = image.flip(-1), target["boxes"].clone()
-                boxes[:, [0, 2]] = self.size - target["boxes"][:, [2, 0]]
+                boxes[:, [0, 2]] = size - target["boxes"][:, [2, 0]]
                 target = {**target, "boxes": boxes}
             image = color_jitter([image], rng)[0]
         return image, target
 
-    def _load_coco(self, i):
+    def _load_coco(self, i, size):
         r = self.records[i]
-        image, (w, h) = open_image(r["path"], draft=(self.size, self.size))
+        image, (w, h) = open_image(r["path"], draft=(size, size))
         if (h, w) != r["size"]:
             raise ValueError(f"{r['path']}: image is {w}x{h} but its annotation says {r['size'][1]}x{r['size'][0]}")
         # a plain square resize; boxes follow with their own x and y scales
-        image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        image = image.convert("RGB").resize((size, size), Image.BILINEAR)
         image = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-        sx, sy = self.size / w, self.size / h
+        sx, sy = size / w, size / h
         target = dict(boxes=torch.from_numpy(r["boxes"] * np.array([sx, sy, sx, sy], np.float32)),
                       labels=torch.from_numpy(r["labels"]), iscrowd=torch.from_numpy(r["iscrowd"]),
-                      area=torch.from_numpy(r["area"] * np.float32(sx * sy)), image_id=r["id"], orig_size=(h, w))
+                      area=torch.from_numpy(r["area"] * np.float32(sx * sy)), image_id=r["id"], orig_size=(h, w),
+                      eval_gt={k: torch.from_numpy(v) for k, v in r["eval_gt"].items()})
         return image, target
+
+
+def boxes_to_original(boxes, size, orig_size):
+    """xyxy boxes in pixels of the (h, w) network input -> pixels of the original (H, W)
+    image, float64: where COCO results and COCOeval's area ranges live."""
+    (h, w), (H, W) = size, orig_size
+    return boxes.double() * torch.tensor([W / w, H / h, W / w, H / h], dtype=torch.float64)
 
 
 def det_collate(batch):
@@ -391,10 +451,16 @@ def det_collate(batch):
 
 # --------------------------- COCO 2017 ------------------------------------------------
 
-def load_coco(root, split):
-    """-> (records, cat_ids, class_names). Each record: id, path, size (h, w) and its annotations
-    in original pixels (boxes xyxy, labels 1..K in sorted category-id order, iscrowd, area)."""
-    name = "train2017" if split == "train" else "val2017"  # COCO's test set has no public labels
+def load_coco(root, split, val_size=COCO_VAL_SIZE):
+    """-> (records, cat_ids, class_names). Each record: id, path, size (h, w), its training
+    annotations in original pixels (boxes xyxy clipped to the image, labels 1..K in sorted
+    category-id order, iscrowd, area) and eval_gt (every annotation of a known category as
+    COCOeval sees it: bbox xywh, labels, iscrowd, area). Splits: test = val2017 (COCO's own
+    test set has no public labels), val = a fixed hold-out of val_size train2017 images,
+    train = the rest of train2017."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    name = "val2017" if split == "test" else "train2017"
     ann_path = os.path.join(root, "annotations", f"instances_{name}.json")
     image_dir = os.path.join(root, name)
     if not os.path.isfile(ann_path):
@@ -420,37 +486,61 @@ def load_coco(root, split):
     for im in get(coco, "images", "the top level"):
         records[get(im, "id", "an image")] = dict(
             id=im["id"], path=os.path.join(image_dir, get(im, "file_name", "an image")),
-            size=(get(im, "height", "an image"), get(im, "width", "an image")), anns=[])
+            size=(get(im, "height", "an image"), get(im, "width", "an image")), anns=[], gts=[])
     dropped = dict(unknown_category=0, unknown_image=0, zero_area=0, outside_image=0)
     for ann in get(coco, "annotations", "the top level"):
         x, y, bw, bh = get(ann, "bbox", "an annotation")
         image_id, cat = get(ann, "image_id", "an annotation"), get(ann, "category_id", "an annotation")
         if cat not in label_of:
-            dropped["unknown_category"] += 1
+            dropped["unknown_category"] += 1  # COCOeval evaluates only the listed categories
         elif image_id not in records:
             dropped["unknown_image"] += 1
-        elif bw <= 0 or bh <= 0:
-            dropped["zero_area"] += 1
         else:
+            area = ann.get("area", bw * bh)  # COCO's area ranges use the mask area, not the box's
+            # evaluation sees every annotation, unclipped, as COCOeval does
+            records[image_id]["gts"].append(([x, y, bw, bh], label_of[cat], ann.get("iscrowd", 0), area))
             h, w = records[image_id]["size"]
             box = [max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)]  # clip the slight overhangs COCO has
-            if box[2] <= box[0] or box[3] <= box[1]:
+            if bw <= 0 or bh <= 0:
+                dropped["zero_area"] += 1
+            elif box[2] <= box[0] or box[3] <= box[1]:
                 dropped["outside_image"] += 1
             else:
-                area = ann.get("area", bw * bh)  # COCO's area ranges use the mask area, not the box's
                 records[image_id]["anns"].append((box, label_of[cat], ann.get("iscrowd", 0), area))
     if sum(dropped.values()):
-        print(f"{ann_path}: dropped {sum(dropped.values())} annotations: "
-              + ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items() if n))
+        kept = dropped["zero_area"] + dropped["outside_image"]
+        print(f"{ann_path}: dropped {sum(dropped.values())} annotations from training: "
+              + ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items() if n)
+              + (f"; the {kept} zero-area or outside-image ones still count in evaluation, as in COCOeval"
+                 if kept else ""))
     out = []
     for r in sorted(records.values(), key=lambda r: r["id"]):  # images without annotations stay
-        anns = r.pop("anns")
+        anns, gts = r.pop("anns"), r.pop("gts")
         r["boxes"] = np.array([a[0] for a in anns], np.float32).reshape(-1, 4)
         r["labels"] = np.array([a[1] for a in anns], np.int64)
         r["iscrowd"] = np.array([a[2] for a in anns], np.int64)
         r["area"] = np.array([a[3] for a in anns], np.float32)
+        r["eval_gt"] = dict(bbox=np.array([g[0] for g in gts], np.float64).reshape(-1, 4),
+                            labels=np.array([g[1] for g in gts], np.int64),
+                            iscrowd=np.array([g[2] for g in gts], np.int64),
+                            area=np.array([g[3] for g in gts], np.float64))
         out.append(r)
+    if split != "test":
+        held = set(coco_holdout(len(out), val_size, ann_path).tolist())
+        out = [r for k, r in enumerate(out) if (k in held) == (split == "val")]
     return out, cat_ids, class_names
+
+
+def coco_holdout(n, val_size, ann_path):
+    """Indices (into the images sorted by id) of the validation hold-out: the first val_size
+    of a fixed permutation, whatever --seed is (so a smaller hold-out is a subset of a larger)."""
+    if val_size < 1:
+        raise ValueError(f"--coco-val-size {val_size}: must be at least 1")
+    if val_size >= n:  # a small subset of COCO: keep most of it for training
+        print(f"{ann_path}: {n} images, not more than --coco-val-size {val_size}: "
+              f"holding out {max(1, n // 10)} for validation instead")
+        val_size = max(1, n // 10)
+    return np.random.default_rng(_COCO_SPLIT_SEED).permutation(n)[:val_size]
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,35 +11,53 @@ tokens (DESIGN.md section 1). --ignore-spacing feeds the training spacing instea
 the model is told every resolution is the training one: the gap between the two sweeps
 is what physical spacing buys. Writes, under --out: results.csv, results.md,
 results.json (one row per resolution), samples_<r>.png and, for detection,
-detections_<r>.json (COCO results format, for the official evaluator).
+detections_<r>.json (COCO results format, in original pixels, for the official evaluator).
+
+Real data is scored as the official tools score it. ISIC: each prediction is resized
+back to its image's original size and every metric is computed there, against the
+original mask; the binary masks are also written to masks_<r>/ISIC_<id>_segmentation.png
+(0/255, original size), the challenge's submission format, so that its scorer
+(`isic-challenge-scoring segmentation <GroundTruth folder> masks_<r>`) gives the same
+numbers. COCO: AP uses COCOeval's area ranges (annotated area, original pixels) and its
+ground truth, so pycocotools on detections_<r>.json gives the same six numbers.
 """
 
 import argparse
 import csv
+import glob
 import io
 import json
 import os
 import resource
 import sys
 import time
+from contextlib import nullcontext
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import DetDataset, SegDataset, det_collate, level_sizes, seg_collate
-from metrics import SEG_METRICS, coco_ap, coco_results_json, seg_scores
+from data import COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, seg_collate
+from metrics import SEG_METRICS, coco_ap, coco_results_json, score_logits
 from train import ARCH, autocast, build_model, load_checkpoint
 
 DET_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SCORE_THRESHOLD = 0.3  # predicted boxes drawn in the samples
+# how each data source is scored (results.json "scored", results.md header)
+SCORED = {"synthetic": "at the test resolution (each resolution renders its own truth)",
+          "isic": "at each image's original size (prediction resized back), as the ISIC 2018 challenge's scorer; "
+                  "the masks are in masks_<r>/",
+          "coco": "as COCOeval on detections_<r>.json: original pixels, annotated areas"}
 MIN_DISPLAY = 256      # samples are upscaled (nearest) to at least this many pixels
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a checkpoint at several test resolutions")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--ckpt", default=None,
+                   help="checkpoint written by train.py (default: the newest runs/*/ckpt_best.pt)")
     p.add_argument("--resolutions", required=True, help="comma-separated image sizes, e.g. 128,256,512")
     p.add_argument("--task", default=None, choices=["seg", "det"], help="optional: must match the checkpoint")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
@@ -52,6 +70,15 @@ def get_args_parser():
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     return p
+
+
+def newest_checkpoint(root="runs"):
+    """The best checkpoint of the most recently written run under `root`."""
+    found = glob.glob(os.path.join(root, "**", "ckpt_best.pt"), recursive=True)
+    if not found:
+        raise ValueError(f"--ckpt not given and no {root}/*/ckpt_best.pt here: train first "
+                         f"(python train.py --task seg), or pass --ckpt RUN/ckpt_best.pt")
+    return max(found, key=os.path.getmtime)
 
 
 def parse_resolutions(text):
@@ -109,6 +136,8 @@ def build_eval_model(train_args, state, r, device, path):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match the architecture in its args ({str(e).splitlines()[0]})") from None
+    if args.task == "det" and device.type == "cuda":
+        model.backbone.amp_dtype = torch.bfloat16  # as in training: boxes and NMS stay float32
     return model.to(device).eval()
 
 
@@ -116,21 +145,23 @@ def build_eval_dataset(train_args, args, r):
     common = dict(source=train_args.get("data", "synthetic"), split=args.split, image_size=r,
                   data_dir=args.data_dir or train_args.get("data_dir"), seed=train_args.get("seed", 0),
                   length=args.limit)
-    if train_args["task"] == "seg":
-        return SegDataset(scales=train_args["scales"], **common)  # same pyramid as training
-    return DetDataset(**common)
+    if train_args["task"] == "seg":  # same pyramid as training; ISIC scored on the original masks
+        return SegDataset(scales=train_args["scales"], original_masks=common["source"] == "isic", **common)
+    # the same train2017 hold-out as training, should --split val be asked for
+    return DetDataset(coco_val_size=train_args.get("coco_val_size", COCO_VAL_SIZE), **common)
 
 
 # ---------------------------------------------------------------------------------------
 # timing and memory
 # ---------------------------------------------------------------------------------------
 
-def timed(fn, device):
-    """(fn(), seconds): the forward alone, synchronized so GPU work is counted."""
+def timed(fn, device, amp=True):
+    """(fn(), seconds): the forward alone, synchronized so GPU work is counted. amp=False
+    for the detector, whose backbone autocasts alone (boxes and NMS stay float32)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with autocast(device):
+    with autocast(device) if amp else nullcontext():
         out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -163,21 +194,41 @@ def memory_peak_mb(device, start):
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def eval_seg(model, loader, spacings, device, n_samples, desc):
-    """-> (mean metrics, seconds of forward, samples [(image [3,H,W], truth [1,H,W], pred [1,H,W])])."""
-    scores, seconds, samples = [], 0.0, []
-    for k, (levels, mask) in enumerate(tqdm(loader, desc=desc, leave=False)):
+def eval_seg(model, loader, spacings, device, n_samples, desc, mask_dir=None):
+    """-> (mean metrics, seconds of forward, samples [(image [3,r,r], truth, pred)]).
+
+    Every prediction is scored against the loader's truth at the truth's size (ISIC: the
+    original mask, the prediction resized back to it). mask_dir: also write each binary
+    prediction there, named like its ground-truth file (ISIC_<id>_segmentation.png, 0/255,
+    the truth's size), the ISIC challenge's submission format.
+    """
+    names = [os.path.basename(mask) for _, mask in loader.dataset.originals] if mask_dir else None
+    scores, seconds, samples, done = [], 0.0, [], 0
+    for k, (levels, masks) in enumerate(tqdm(loader, desc=desc, leave=False)):
         levels = [x.to(device) for x in levels]
         if k == 0:
             timed(lambda: model(levels, spacings), device)  # warm-up: lazy allocations, kernel selection
-        logits, dt = timed(lambda: model(levels, spacings), device)  # [B, 1, H, W]
-        pred, truth = logits > 0, mask.to(device) > 0.5
-        scores.append(seg_scores(pred, truth).cpu())  # [B, 5]
+        logits, dt = timed(lambda: model(levels, spacings), device)  # [B, 1, r, r]
+        batch_scores, preds = score_logits(logits, masks)  # [B, 5]
+        scores.append(batch_scores.cpu())
         seconds += dt
+        if mask_dir:
+            for pred in preds:
+                mask = Image.fromarray(pred[0].cpu().numpy().astype(np.uint8) * 255)  # mode L, 0/255
+                write_atomic(os.path.join(mask_dir, names[done]), png_bytes(mask))
+                done += 1
         take = max(0, n_samples - len(samples))
-        samples += [(x.cpu(), t.cpu(), p.cpu()) for x, t, p in zip(levels[0][:take], truth[:take], pred[:take])]
+        # shown at the network's resolution, next to its input
+        samples += [(x.cpu(), at_size(t, x.shape[-2:]), at_size(p, x.shape[-2:]))
+                    for x, t, p in zip(levels[0][:take], masks, preds)]
     means = torch.cat(scores).mean(0).tolist()
     return dict(zip(SEG_METRICS, means)), seconds, samples
+
+
+def at_size(mask, size):
+    """[1,H,W] mask -> [1,h,w] bool (nearest), on the CPU: for display only."""
+    mask = mask.cpu().float()
+    return F.interpolate(mask[None], size=tuple(size), mode="nearest")[0] > 0.5
 
 
 @torch.no_grad()
@@ -187,14 +238,21 @@ def eval_det(model, loader, device, n_samples, desc):
     for k, (images, batch_targets) in enumerate(tqdm(loader, desc=desc, leave=False)):
         images = [im.to(device) for im in images]
         if k == 0:
-            timed(lambda: model(images), device)  # warm-up
-        out, dt = timed(lambda: model(images), device)  # boxes in pixels of the input (r x r)
+            timed(lambda: model(images), device, amp=False)  # warm-up
+        out, dt = timed(lambda: model(images), device, amp=False)  # boxes in pixels of the input (r x r)
         out = [{key: v.float().cpu() if v.is_floating_point() else v.cpu() for key, v in o.items()} for o in out]
         take = max(0, n_samples - len(samples))
         samples += [(im.cpu(), t, d) for im, t, d in zip(images[:take], batch_targets, out)]
         dets, targets, seconds = dets + out, targets + batch_targets, seconds + dt
-    gts = [{key: t[key] for key in ("boxes", "labels", "iscrowd")} for t in targets]  # crowd: ignored, not missed
-    return coco_ap(gts, dets, num_classes=loader.dataset.num_classes), seconds, dets, targets, samples
+    # scored as COCOeval scores detections_<r>.json: the same boxes in original pixels, against
+    # the annotations as they are (own area, unclipped; crowd regions ignored, not missed)
+    gts, scaled = [t["eval_gt"] for t in targets], to_original(dets, targets, loader.dataset.size)
+    return coco_ap(gts, scaled, num_classes=loader.dataset.num_classes), seconds, dets, targets, samples
+
+
+def to_original(dets, targets, r):
+    """Detections on the r x r input -> boxes in pixels of each original image (float64)."""
+    return [{**d, "boxes": boxes_to_original(d["boxes"], (r, r), t["orig_size"])} for d, t in zip(dets, targets)]
 
 
 def detections_json(dets, targets, dataset, r):
@@ -203,11 +261,7 @@ def detections_json(dets, targets, dataset, r):
     coco = dataset.source == "coco"
     image_ids = [t["image_id"] for t in targets] if coco else list(range(len(dets)))
     cat_ids = dataset.cat_ids if coco else list(range(1, dataset.num_classes + 1))
-    scaled = []
-    for d, t in zip(dets, targets):
-        h, w = t["orig_size"]
-        scaled.append({**d, "boxes": d["boxes"] * torch.tensor([w / r, h / r, w / r, h / r])})
-    return coco_results_json(scaled, image_ids, cat_ids)
+    return coco_results_json(to_original(dets, targets, r), image_ids, cat_ids)
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,7 +337,8 @@ def markdown(rows, meta):
     spacing = "training spacing at every resolution (--ignore-spacing)" if meta["ignore_spacing"] else "spacing 1/size"
     header = (f"Resolution sweep of `{meta['checkpoint']}`: {meta['model']} {meta['task']}, {meta['data']} "
               f"{meta['split']} split ({rows[0]['images']} images), trained at {meta['train_image_size']} px, "
-              f"scales {meta['scales']}, {spacing}, {meta['device']}; memory: {meta['memory']}")
+              f"scales {meta['scales']}, {spacing}, {meta['device']}; memory: {meta['memory']}; "
+              f"scored {meta.get('scored', '')}")
     cols = list(rows[0])
     fmt = lambda k, v: str(v) if isinstance(v, int) else f"{v:.1f}" if k in ("ms_per_image", "peak_mem_mb") else f"{v:.4f}"
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
@@ -308,6 +363,9 @@ def write_results(out, rows, meta):
 def main(args):
     # Everything that can be wrong with the command is checked before anything is written.
     resolutions = parse_resolutions(args.resolutions)
+    if args.ckpt is None:
+        args.ckpt = newest_checkpoint()
+        print(f"evaluating {args.ckpt} (the newest run's best checkpoint under runs/)")
     if args.batch_size < 1 or args.samples < 0 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch-size and --limit must be positive, --samples non-negative")
     train_args, state = load_run(args.ckpt, args.task)
@@ -325,6 +383,7 @@ def main(args):
                 split=args.split, ignore_spacing=args.ignore_spacing, train_image_size=train_args["image_size"],
                 scales=",".join(f"{s:g}" for s in train_args["scales"]), device=str(device),
                 memory="peak allocated (CUDA)" if device.type == "cuda" else "growth of the process peak RSS (CPU)")
+    meta["scored"] = SCORED[meta["data"]]
     spacings = training_spacings(train_args) if args.ignore_spacing else None  # None: the model derives 1/size
     model = build_eval_model(train_args, state, train_args["image_size"], device, args.ckpt) if task == "seg" else None
     rows = []
@@ -334,13 +393,17 @@ def main(args):
             raise ValueError(f"--split {args.split}: no images in {meta['data']} {args.split}")
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                             collate_fn=seg_collate if task == "seg" else det_collate)
+        # ISIC: the challenge's submission format, one folder per resolution
+        mask_dir = os.path.join(out, f"masks_{r}") if meta["data"] == "isic" else None
+        if mask_dir:
+            os.makedirs(mask_dir, exist_ok=True)
         try:
             if task == "det":
                 model = None  # free the previous detector before measuring memory
                 model = build_eval_model(train_args, state, r, device, args.ckpt)
             mem = memory_start(device)
             if task == "seg":
-                metrics, seconds, samples = eval_seg(model, loader, spacings, device, args.samples, f"{r} px")
+                metrics, seconds, samples = eval_seg(model, loader, spacings, device, args.samples, f"{r} px", mask_dir)
             else:
                 metrics, seconds, dets, targets, samples = eval_det(model, loader, device, args.samples, f"{r} px")
             peak = memory_peak_mb(device, mem)

@@ -1,16 +1,21 @@
 """Evaluation metrics.
 
 Segmentation: per-image Dice, IoU, sensitivity, specificity and the ISIC 2018
-thresholded Jaccard (seg_scores); average the rows over the dataset.
+thresholded Jaccard (seg_scores); average the rows over the dataset. On real data the
+truth is each image's original mask and the prediction is resized back to it first
+(score_logits), which is how the ISIC 2018 challenge's scorer (the isic-challenge-scoring
+package) scores: same definitions, same empty-mask rules, same 0.65 threshold.
 
 Detection: COCO bbox AP (coco_ap), a numpy re-implementation of the official
 COCOeval (iouType='bbox') that reproduces its numbers, including its tie-breaking
-and ignore rules, so results are comparable with published COCO figures without
-depending on pycocotools. coco_results_json exports detections for the official tool.
+and ignore rules and its area ranges (a ground truth's annotated `area`, a detection's
+box area, both in original pixels), so results are comparable with published COCO
+figures without depending on pycocotools. coco_results_json exports detections for the official tool.
 """
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # segmentation
@@ -45,6 +50,30 @@ def _ratio(num, den):
     return torch.where(den > 0, num / den.clamp(min=1), torch.ones_like(num))
 
 
+def score_logits(logits, masks):
+    """Per-image scores of logits [B,1,h,w] against the truth at its own size.
+
+    masks: a [B,1,H,W] tensor, or one [1,H_i,W_i] tensor per image (its original size).
+    A prediction of another size is resized there first (bilinear on the logits, then
+    > 0), so every pixel of the original mask is scored, as the ISIC challenge scores.
+    Returns (scores float64 [B,5], the binary predictions at the truth's size, per image).
+    """
+    if torch.is_tensor(masks) and masks.shape[-2:] == logits.shape[-2:]:
+        pred = logits > 0
+        return seg_scores(pred, masks.to(logits.device) > 0.5), pred
+    preds = [upsample_logits(x, m.shape[-2:]) > 0 for x, m in zip(logits, masks)]
+    scores = [seg_scores(p[None], m.to(p.device)[None] > 0.5) for p, m in zip(preds, masks)]
+    return torch.cat(scores), preds
+
+
+def upsample_logits(logits, size):
+    """[C,h,w] -> [C,H,W] float32, bilinear (antialiased when shrinking)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits.float()
+    return F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+
+
 # -----------------------------------------------------------------------------
 # detection: COCO bbox AP
 
@@ -58,8 +87,11 @@ MAX_DETS = 100  # per image per category
 def coco_ap(gts, dets, num_classes=None):
     """COCO bbox AP over a dataset; gts[i] / dets[i] describe the same image i.
 
-    gts[i]:  {'boxes': [N,4] xyxy, 'labels': [N], 'iscrowd': [N] (optional)}
-    dets[i]: {'boxes': [M,4] xyxy, 'scores': [M], 'labels': [M]}
+    gts[i]:  {'boxes': [N,4] xyxy or 'bbox': [N,4] COCO xywh, 'labels': [N],
+              'iscrowd': [N] (optional), 'area': [N] (optional: COCO's annotated area,
+              which picks the size class; default the box area)}
+    dets[i]: {'boxes': [M,4] xyxy, 'scores': [M], 'labels': [M]}; the size class of
+              an unmatched detection is its box area, as COCOeval's loadRes sets it.
     Categories are the label values seen in gts (or 1..num_classes); a category
     without (non-ignored) ground truth in an area range is left out of that mean,
     and a mean over nothing is -1, as in COCOeval.
@@ -78,7 +110,8 @@ def coco_ap(gts, dets, num_classes=None):
         for im in images:
             g, d = im["gt_labels"] == c, im["det_labels"] == c
             if g.any() or d.any():
-                per_image.append(_match_image(im["gt_xywh"][g], im["gt_crowd"][g], im["det_xywh"][d], im["det_scores"][d]))
+                per_image.append(_match_image(im["gt_xywh"][g], im["gt_area"][g], im["gt_crowd"][g],
+                                              im["det_xywh"][d], im["det_scores"][d]))
         if per_image:
             precision[k] = _precision(per_image)
 
@@ -113,8 +146,12 @@ def xyxy_to_xywh(boxes):
 def _image_arrays(gt, det):
     n = len(_numpy(gt["labels"], np.int64))
     crowd = gt.get("iscrowd")
+    # a COCO bbox is used as is: xywh -> xyxy -> xywh would not round-trip exactly
+    gt_xywh = _numpy(gt["bbox"], np.float64).reshape(-1, 4) if "bbox" in gt else xyxy_to_xywh(gt["boxes"])
+    area = gt.get("area")
     return {
-        "gt_xywh": xyxy_to_xywh(gt["boxes"]),
+        "gt_xywh": gt_xywh,
+        "gt_area": gt_xywh[:, 2] * gt_xywh[:, 3] if area is None else _numpy(area, np.float64).reshape(-1),
         "gt_labels": _numpy(gt["labels"], np.int64).reshape(-1),
         "gt_crowd": np.zeros(n, bool) if crowd is None else _numpy(crowd, np.int64).reshape(-1) > 0,
         "det_xywh": xyxy_to_xywh(det["boxes"]),
@@ -134,17 +171,18 @@ def box_iou_xywh(dt, gt, gt_crowd):
     return np.where(inter > 0, inter / np.where(inter > 0, union, 1.0), 0.0)
 
 
-def _match_image(gt, gt_crowd, dt, scores):
+def _match_image(gt, g_area, gt_crowd, dt, scores):
     """Greedy COCO matching for one image and one category, for every area range and
-    IoU threshold at once (rows = A*T). Returns the image's kept det scores [D], and
-    matched / ignored flags [A,T,D] plus the number of non-ignored gts [A]."""
+    IoU threshold at once (rows = A*T); g_area puts each gt in its area ranges. Returns
+    the image's kept det scores [D], and matched / ignored flags [A,T,D] plus the
+    number of non-ignored gts [A]."""
     A, T = len(AREA_RANGES), len(IOU_THRESHOLDS)
     order = np.argsort(-scores, kind="mergesort")[:MAX_DETS]  # stable, like COCOeval
     dt, scores = dt[order], scores[order]
     D, G = len(dt), len(gt)
 
     lo, hi = AREA_RANGES[:, :1], AREA_RANGES[:, 1:]  # [A,1]
-    g_area, d_area = gt[:, 2] * gt[:, 3], dt[:, 2] * dt[:, 3]
+    d_area = dt[:, 2] * dt[:, 3]
     gt_ignore = gt_crowd[None, :] | (g_area[None, :] < lo) | (g_area[None, :] > hi)  # [A,G]
     rows_ignore = np.repeat(gt_ignore, T, axis=0)  # [A*T, G]
     thr = np.tile(IOU_THRESHOLDS, A)[:, None]  # [A*T, 1]

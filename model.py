@@ -168,12 +168,18 @@ class RATBackbone(nn.Module):
     an OrderedDict of [B, dim, H/s, W/s] at increasing strides s (the last block at
     each stride). The pyramid is built here from `scales`, so the detector passes
     one image tensor. Set the detector's image_mean 0 and image_std 1: RAT
-    normalizes its own input."""
+    normalizes its own input.
 
-    def __init__(self, scales=(1.0,), **rat):
+    The detector pads its batch to a multiple of 32; the images themselves are
+    `image_size` square (min_size = max_size = image_size), so the pyramid and the
+    spacing come from that crop, not from the padding, and the feature maps are
+    zero-padded back to the padded grid the detector's anchors expect."""
+
+    def __init__(self, scales=(1.0,), image_size=None, **rat):
         super().__init__()
         self.body = RAT(**rat)
-        self.scales, self.out_channels = tuple(scales), self.body.dim
+        self.scales, self.image_size, self.out_channels = tuple(scales), image_size, self.body.dim
+        self.amp_dtype = None  # e.g. torch.bfloat16: the backbone alone runs under autocast
         strides, s = [], self.body.patch
         for i, st in enumerate(self.body.sgas):
             s *= st.stride
@@ -183,14 +189,43 @@ class RATBackbone(nn.Module):
         self.strides = [strides[i] for i in self.taps]
 
     def forward(self, x):
-        levels = [x] + [F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True, align_corners=False)
-                        for s in self.scales[1:]]
-        stages = self.body(levels)
+        padded = x.shape[2:]
+        if self.image_size:
+            x = x[..., :self.image_size, :self.image_size]
+        with backbone_autocast(x, self.amp_dtype):
+            levels = [x] + [F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True, align_corners=False)
+                            for s in self.scales[1:]]
+            stages = self.body(levels)
         out = OrderedDict()
-        for i in self.taps:
+        for i, stride in zip(self.taps, self.strides):
             t, grid, _, _ = stages[i + 1][0]
-            out[str(i)] = t.transpose(1, 2).reshape(t.shape[0], -1, *grid)
+            t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)             # [B, dim, *grid]
+            pad = [(-(-n // stride)) - g for n, g in zip(padded, grid)]
+            out[str(i)] = F.pad(t, [0, pad[1], 0, pad[0]])                          # [B, dim, *padded/stride]
         return out
+
+
+def backbone_autocast(x, dtype):
+    # Only the backbone: torchvision's box coder works in the head's dtype, and bf16 rounds
+    # the coordinates of a 256-512 px image to 2 px.
+    return torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class ResNetFPN(BackboneWithFPN):
+    amp_dtype = None  # as RATBackbone's
+
+    def forward(self, x):
+        with backbone_autocast(x, self.amp_dtype):
+            out = super().forward(x)
+        return OrderedDict((k, v.float()) for k, v in out.items())
+
+
+def set_detector_size(detector, size):
+    """Have the detector keep inputs of `size` px square: its transform resizes every image
+    to min_size, and RATBackbone reads the real image out of the padded batch."""
+    detector.transform.min_size, detector.transform.max_size = (size,), size
+    if isinstance(detector.backbone, RATBackbone):
+        detector.backbone.image_size = size
 
 
 def conv_block(conv, cin, cout):
@@ -244,12 +279,12 @@ def build_detector(model="rat", num_classes=3, image_size=128, scales=(1.0,), he
     trained from scratch). Labels are 1..num_classes; min_size = max_size =
     image_size, so the detector's internal resize keeps our resolution."""
     if model == "rat":
-        backbone = RATBackbone(scales, **rat)
+        backbone = RATBackbone(scales, image_size, **rat)
         strides, mean, std = backbone.strides, [0.0] * 3, [1.0] * 3            # RAT normalizes its input
     else:
         resnet = torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(8, c))
         layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
-        backbone = BackboneWithFPN(resnet, layers, [64, 128, 256, 512], rat.get("dim", 64))
+        backbone = ResNetFPN(resnet, layers, [64, 128, 256, 512], rat.get("dim", 64))
         strides, mean, std = [4, 8, 16, 32, 64], [0.5] * 3, [0.25] * 3          # FPN adds a max-pooled level
     anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
     head = FCOSHead(backbone.out_channels, 1, num_classes + 1, num_convs=head_convs)

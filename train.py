@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import DetDataset, SegDataset, det_collate, parse_scales, seg_collate
-from metrics import SEG_METRICS, coco_ap, seg_scores
-from model import build_detector, build_seg_model, num_params
+from data import (COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, parse_scales,
+                  seg_collate)
+from metrics import SEG_METRICS, coco_ap, score_logits
+from model import build_detector, build_seg_model, num_params, set_detector_size
 from rose import PE_CHOICES
 from sga import SGA_CHOICES
 
@@ -45,7 +47,11 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="run folder (default runs/<task>)")
     p.add_argument("--model", default="rat", choices=["rat", "unet", "resnet"],
                    help="rat, or the baseline: unet (seg) or resnet (det)")
-    p.add_argument("--image-size", type=int, default=None, help="training resolution (default 64 seg, 128 det)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="training and validation resolution (default 64 seg, 128 det)")
+    p.add_argument("--train-sizes", default=None,
+                   help="multi-resolution training: comma-separated image sizes, one drawn per step (the same on "
+                        "every rank), e.g. 32,48,64,96,128; validation stays at --image-size")
     p.add_argument("--scales", default="1,0.5", help="image pyramid as relative factors, finest first")
     p.add_argument("--pe", default="rose", choices=PE_CHOICES)
     p.add_argument("--sga", default="local", choices=SGA_CHOICES)
@@ -64,6 +70,8 @@ def get_args_parser():
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     p.add_argument("--train-size", type=int, default=None, help="use only this many training samples")
     p.add_argument("--val-size", type=int, default=None, help="use only this many validation samples")
+    p.add_argument("--coco-val-size", type=int, default=COCO_VAL_SIZE,
+                   help="COCO: train2017 images held out (fixed, seeded) for validation; val2017 is the test split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
     p.add_argument("--ckpt-every", type=int, default=0, help="also save ckpt_last.pt every N steps (0: per epoch)")
@@ -71,12 +79,21 @@ def get_args_parser():
                    help="torch.compile the model (backend inductor by default): faster GPU steps after minutes "
                         "of compiling; aot_eager traces without generating code")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
+    p.add_argument("--dist-backend", default=None,
+                   help="torch.distributed backend (default nccl on CUDA, gloo on CPU); cuda:gloo registers gloo "
+                        "for CUDA tensors only, as NCCL, so that 2 ranks can share one GPU")
+    p.add_argument("--cache-dir", default=None,
+                   help="where ISIC's decoded, resized copies go (default <data-dir>/.cache; use this when the "
+                        "dataset folder is read-only)")
     return p
 
 
 def fill_defaults(args):
     """Task-dependent defaults: small enough that the built-in data trains in minutes on a CPU."""
     seg = args.task == "seg"
+    for flag in ("image_size", "epochs", "patch"):  # 0 is a mistake, not a request for the default
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     args.image_size = args.image_size or (64 if seg else 128)
     args.patch = args.patch or (2 if seg else 4)
     if args.strides is None and not seg:  # keep stride-8 features for small objects
@@ -95,6 +112,8 @@ def fill_defaults(args):
         raise ValueError(f"--compile {args.compile}: unknown backend (known: "
                          f"{', '.join(torch.compiler.list_backends(exclude_tags=()))})")
     args.scales = parse_scales(args.scales) if isinstance(args.scales, str) else args.scales
+    if isinstance(args.train_sizes, str):
+        args.train_sizes = parse_train_sizes(args.train_sizes, args)
     if isinstance(args.strides, str):
         try:
             args.strides = [int(s) for s in args.strides.split(",")]
@@ -103,6 +122,26 @@ def fill_defaults(args):
         if len(args.strides) != args.depth or min(args.strides) < 1:
             raise ValueError(f"--strides: need {args.depth} positive integers (one per block), got {args.strides}")
     return args
+
+
+def parse_train_sizes(text, args):
+    try:
+        sizes = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--train-sizes: expected comma-separated integers like 32,48,64,96,128, got {text!r}") from None
+    patch = args.patch if args.model == "rat" else 1
+    for size in sizes:  # the stem needs a patch of real pixels on every pyramid level
+        coarsest = min(level_sizes(size, args.scales)[-1]) if size > 0 else size
+        if coarsest < patch:
+            raise ValueError(f"--train-sizes: {size} is too small: its coarsest pyramid level would be {coarsest} px, "
+                             f"below the stem patch of {patch} px")
+    return sizes
+
+
+def step_size(args, step):
+    """The image size of a step under --train-sizes: a function of the seed and the step
+    alone, so that every rank, and a resumed run, draws the same."""
+    return args.train_sizes[np.random.default_rng([args.seed, step, 11]).integers(len(args.train_sizes))]
 
 
 def build_model(args):
@@ -117,9 +156,14 @@ def build_model(args):
 def build_datasets(args):
     common = dict(source=args.data, image_size=args.image_size, data_dir=args.data_dir, seed=args.seed)
     if args.task == "seg":
-        train = SegDataset(split="train", scales=args.scales, augment=True, length=args.train_size, **common)
-        val = SegDataset(split="val", scales=args.scales, length=args.val_size, **common)
+        cache = args.cache_dir and os.path.join(args.cache_dir, f"{args.image_size}x{args.image_size}")
+        train = SegDataset(split="train", scales=args.scales, augment=True, length=args.train_size, cache_dir=cache,
+                           **common)
+        # ISIC is validated as the challenge scores: on each image's original mask
+        val = SegDataset(split="val", scales=args.scales, length=args.val_size, original_masks=args.data == "isic",
+                         cache_dir=cache, **common)
     else:
+        common["coco_val_size"] = args.coco_val_size  # COCO: val is a fixed hold-out of train2017
         train = DetDataset(split="train", augment=True, length=args.train_size, **common)
         val = DetDataset(split="val", length=args.val_size, **common)
     return train, val
@@ -132,8 +176,8 @@ def build_datasets(args):
 def seg_loss(model, batch, device):
     """BCE + soft Dice, each computed per sample, then averaged over the batch."""
     levels, mask = batch
-    logits = model([x.to(device) for x in levels])
-    mask = mask.to(device)
+    logits = model([x.to(device, non_blocking=True) for x in levels])
+    mask = mask.to(device, non_blocking=True)
     bce = F.binary_cross_entropy_with_logits(logits.float(), mask, reduction="none").flatten(1).mean(1)
     prob = logits.float().sigmoid().flatten(1)
     inter, total = (prob * mask.flatten(1)).sum(1), prob.sum(1) + mask.flatten(1).sum(1)
@@ -146,7 +190,7 @@ def det_loss(model, batch, device):
     # Crowd boxes are kept by the loader for evaluation only.
     targets = [{"boxes": t["boxes"][t["iscrowd"] == 0].to(device), "labels": t["labels"][t["iscrowd"] == 0].to(device)}
                for t in targets]
-    return sum(model([im.to(device) for im in images], targets).values())
+    return sum(model([im.to(device, non_blocking=True) for im in images], targets).values())
 
 
 @torch.no_grad()
@@ -157,25 +201,24 @@ def evaluate(model, loader, args, device):
     model.eval()
     if args.task == "seg":
         total = torch.zeros(len(SEG_METRICS) + 1, dtype=torch.float64, device=device)
-        for levels, mask in loader:
+        for levels, masks in loader:
             with autocast(device):
                 logits = model([x.to(device) for x in levels])
-            scores = seg_scores(logits > 0, mask.to(device) > 0.5)                  # [B, 5]
+            scores, _ = score_logits(logits, masks)  # [B, 5], at the truth's size (ISIC: the original)
             total += torch.cat([scores.sum(0), scores.new_tensor([len(scores)])])
-        if dist.is_initialized():
-            dist.all_reduce(total)
+        total = all_sum(total, device)
         model.train()
         return {**dict(zip(SEG_METRICS, (total[:-1] / total[-1]).tolist())), "val_images": int(total[-1])}
     gts, dets = [], []
     for images, targets in loader:
-        with autocast(device):
-            out = model([im.to(device) for im in images])
-        dets += [{k: v.float().cpu() for k, v in o.items()} for o in out]
-        gts += [{k: t[k] for k in ("boxes", "labels", "iscrowd")} for t in targets]
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (gts, dets))
-        gts, dets = [g for p in parts for g in p[0]], [d for p in parts for d in p[1]]
+        out = model([im.to(device) for im in images])  # no autocast: boxes and NMS in float32
+        # scored as COCOeval scores: boxes back in original pixels, against the annotations as they are
+        for o, im, t in zip(out, images, targets):
+            boxes = boxes_to_original(o["boxes"].float().cpu(), im.shape[-2:], t["orig_size"])
+            dets.append({"boxes": boxes, "scores": o["scores"].float().cpu(), "labels": o["labels"].cpu()})
+            gts.append(t["eval_gt"])
+    parts = gather_objects((gts, dets))
+    gts, dets = [g for p in parts for g in p[0]], [d for p in parts for d in p[1]]
     model.train()
     return {**coco_ap(gts, dets, num_classes=args.num_classes), "val_images": len(gts)}
 
@@ -220,32 +263,107 @@ def lr_lambda(total_steps, warmup):
 # main loop
 # ---------------------------------------------------------------------------------------
 
-def setup_distributed():
-    """Rank, world size and device from torchrun's environment (or a single process)."""
+def setup_distributed(backend=None):
+    """(rank, world size, local rank, device) from torchrun's environment, or a single process."""
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, 0, torch.device("cuda" if cuda else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    backend = backend or ("nccl" if cuda else "gloo")
+    if cuda:
+        gpus = torch.cuda.device_count()
+        # NCCL cannot put two ranks on one GPU; gloo can (cuda:gloo tests the multi-GPU path on one GPU).
+        if local_world > gpus and "nccl" in backend:
+            raise ValueError(f"{local_world} processes on this node but {gpus} GPU(s) visible: use "
+                             f"--nproc_per_node={gpus} (or --dist-backend cuda:gloo to share GPUs)")
+        device = torch.device(f"cuda:{local % gpus}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # torchrun gives each process 1 thread; share the cores out instead, never more threads than cores.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     # torchrun shares one store across --max-restarts attempts; without a prefix per
     # attempt, a restarted group can read the dead group's addresses (pytorch#135712).
     store, _, _ = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank, world_size=world)
-    return rank, world, torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    return rank, world, local, device
+
+
+def all_sum(x, device):
+    """Sum of tensor x over ranks, as float64 on the training device. Every collective of this
+    script goes through here: NCCL serves CUDA tensors only."""
+    x = torch.as_tensor(x).to(device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]. torch pickles them into tensors on the device
+    that the process group serves (the current GPU for NCCL and cuda:gloo)."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def gather_rows(row, rank, world, device):
+    """[n] from every rank -> [world, n] on every rank (an all_sum of one filled row each)."""
+    rows = torch.zeros(world, len(row), dtype=torch.float64)
+    rows[rank] = torch.as_tensor(row, dtype=torch.float64)
+    return all_sum(rows, device).cpu()
+
+
+def rng_state(device):
+    """This rank's CPU (and CUDA) generator states as one uint8 vector."""
+    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    return torch.cat(state)
+
+
+def set_rng_state(state, device):
+    cpu = torch.get_rng_state().numel()
+    torch.set_rng_state(state[:cpu].clone())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[cpu:].clone(), device)
+
+
+class Preemption:
+    """SIGTERM (torchrun, a scheduler). Inside the training loop: finish the step, save, exit,
+    every rank at the same step. Anywhere else (caching data, validation, whose epoch was
+    saved before it started) there is nothing unsaved: exit at once, inside torchrun's grace period."""
+
+    def __init__(self):
+        self.asked, self.in_training = False, False
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, *_):
+        if not self.in_training:
+            raise SystemExit(143)
+        self.asked = True
 
 
 def main(args):
-    rank, world, device = setup_distributed()
+    rank, world, local_rank, device = setup_distributed(args.dist_backend)
     master = rank == 0
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(args.seed)
+    preemption = Preemption()
 
+    # One process per node decodes and caches the dataset while the others wait, then read the cache.
+    if local_rank != 0:
+        all_sum(0, device)
     train_set, val_set = build_datasets(args)
+    if local_rank == 0:
+        all_sum(0, device)
     args.num_classes = getattr(train_set, "num_classes", 1)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args).to(device)
+    if args.task == "det" and device.type == "cuda":
+        model.backbone.amp_dtype = torch.bfloat16  # boxes, losses and NMS stay in float32
     if args.channels_last:  # before the optimizer and the checkpoint see the parameters
         model = model.to(memory_format=torch.channels_last)  # conv weights; their outputs follow
     local_batch = args.batch_size // world
@@ -259,63 +377,79 @@ def main(args):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup))
+    # Each rank draws its own random stream (dropout masks differ across GPUs).
+    torch.manual_seed(args.seed + 1000 * (rank + 1))
 
-    step, best = 0, -math.inf
+    # step: optimizer steps taken; validated: epochs whose validation has run (a checkpoint
+    # written on an epoch's last step, before its validation, resumes with that validation).
+    step, validated, best = 0, 0, -math.inf
     last_path, best_path = os.path.join(args.out, "ckpt_last.pt"), os.path.join(args.out, "ckpt_best.pt")
-    if os.path.exists(last_path):
-        ckpt = load_checkpoint(last_path)
+    ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
+    # Every rank must resume from the same step, or the collectives go out of step and hang.
+    found = gather_rows([ckpt["step"] if ckpt else -1], rank, world, device)[:, 0]
+    if found.min() != found.max():
+        raise ValueError(f"{last_path}: ranks see different run folders (steps {found.int().tolist()}, -1: none); "
+                         "the run folder (--out) must be visible to every node, e.g. on a shared filesystem")
+    if ckpt:
         changed = {k: (ckpt["args"].get(k), vars(args).get(k)) for k in ARCH if ckpt["args"].get(k) != vars(args).get(k)}
         if changed:
             raise ValueError(f"{last_path}: run folder holds a different model {changed}; use a new --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        step, best = ckpt["step"], ckpt["best"]
+        step, validated, best = ckpt["step"], ckpt.get("validated", ckpt["step"] // steps_per_epoch), ckpt["best"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:  # another number of processes: new streams, still different per rank and per resume
+            torch.manual_seed(args.seed + 1000 * (rank + 1) + step)
         if master:
             print(f"resuming {last_path} at step {step}/{total_steps}")
     if master:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        print(f"{args.model} {args.task}: {num_params(model) / 1e6:.2f}M parameters, {world} process(es) on {device}, "
-              f"{len(train_set)} train / {len(val_set)} val samples, {total_steps} steps")
+        print(f"{args.model} {args.task}: {num_params(model) / 1e6:.2f}M parameters, {world} process(es) on {device} "
+              f"({torch.get_num_threads()} threads each), {len(train_set)} train / {len(val_set)} val samples, "
+              f"{total_steps} steps")
     ddp = DDP(model) if world > 1 else model
     if args.compile:  # after DDP, so that the compiled graph splits at DDP's gradient buckets
         ddp = torch.compile(ddp, backend=args.compile)
 
     def checkpoint(path):
+        """Called on every rank (the RNG states are gathered); rank 0 writes."""
         # A finite loss can still come with an update that overflows: never save such weights.
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise FloatingPointError(f"non-finite weights after step {step}; the last good checkpoint is kept: {last_path}")
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                     "best": best, "rng": torch.get_rng_state(), "args": vars(args)}, path)
-
-    # Preemption: finish the current step, save, exit (all ranks agree on when).
-    stop = torch.zeros(1)
-    signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
+        rng = gather_rows(rng_state(device).double(), rank, world, device).to(torch.uint8)  # [world, n]
+        if master:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "step": step, "validated": validated,
+                         "best": best, "rng": rng, "args": vars(args)}, path)
 
     loss_fn = seg_loss if args.task == "seg" else det_loss
     collate = seg_collate if args.task == "seg" else det_collate
-    val_loader = DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
-                            batch_size=local_batch, num_workers=args.workers, collate_fn=collate)
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
+    # Loaders get a generator of their own: drawing their seed from the global one would shift
+    # the dropout stream by one draw per loader, so a resumed run would not repeat the original.
+    loader_args = dict(batch_size=local_batch, num_workers=args.workers, collate_fn=collate,
+                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
+    val_loader = DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), **loader_args)
+    for epoch in range(validated, args.epochs):
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        # Resuming mid-epoch: the same order as before, minus the batches already done.
-        order = list(sampler)[skip * local_batch: steps_per_epoch * local_batch]
-        loader = DataLoader(train_set, batch_size=local_batch, sampler=order, num_workers=args.workers,
-                            collate_fn=collate, drop_last=True)
+        # Resuming mid-epoch: the same order as before, minus the batches already done
+        # (none left when the checkpoint was written at the epoch's end, before validation).
+        order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch: steps_per_epoch * local_batch]
+        if args.train_sizes:  # dataset keys (index, size): the k-th sample belongs to step `step + k // local_batch`
+            order = [(i, step_size(args, step + k // local_batch)) for k, i in enumerate(order)]
+        loader = DataLoader(train_set, sampler=order, drop_last=True, **loader_args)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
         t0, seen, loss_sum = time.time(), 0, 0.0
+        preemption.in_training = True
         for batch in bar:
-            with autocast(device):
+            if args.task == "det" and args.train_sizes:
+                set_detector_size(model, batch[0][0].shape[-1])
+            with autocast(device) if args.task == "seg" else nullcontext():  # det: its backbone autocasts
                 loss = loss_fn(ddp, batch, device)
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-            if world > 1:
-                dist.all_reduce(bad)
-            if bad.item():
+            if all_sum(0.0 if torch.isfinite(loss) else 1.0, device).item():
                 raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch + 1}); "
                                          f"the last good checkpoint is kept: {last_path}")
             optimizer.zero_grad(set_to_none=True)
@@ -326,27 +460,29 @@ def main(args):
             scheduler.step()
             step, seen, loss_sum = step + 1, seen + 1, loss_sum + loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if world > 1:
-                dist.all_reduce(stop)
-            if stop.item() or (args.ckpt_every and step % args.ckpt_every == 0):
-                if master:
-                    checkpoint(last_path)
-                if stop.item():
+            stop = all_sum(float(preemption.asked), device).item() > 0
+            if stop or (args.ckpt_every and step % args.ckpt_every == 0):
+                checkpoint(last_path)
+                if stop:
                     if master:
                         print(f"SIGTERM: saved {last_path} at step {step}; rerun the same command to resume")
                     cleanup()
                     sys.exit(143)
-        if step % steps_per_epoch:
-            continue  # a partial epoch only happens on the way out
-        metrics = evaluate(ddp, val_loader, args, device)
+        preemption.in_training = False
+        if args.task == "det":
+            set_detector_size(model, args.image_size)
+        checkpoint(last_path)  # the epoch's training is safe before validation starts
+        # The plain module, not DDP: a rank with no validation batch must not miss a
+        # collective that DDP's forward would start on the others.
+        metrics = evaluate(model, val_loader, args, device)
         key = "dice" if args.task == "seg" else "AP"
         is_best = metrics[key] > best
-        best = max(best, metrics[key])
+        best, validated = max(best, metrics[key]), epoch + 1
+        checkpoint(last_path)
+        if is_best:
+            checkpoint(best_path)
         if master:
-            checkpoint(last_path)
-            if is_best:
-                checkpoint(best_path)
-            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen if seen else None,
                       "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0, **metrics}
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")

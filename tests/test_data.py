@@ -337,8 +337,8 @@ def write_coco(root, drop_key=None):
 
 def test_coco_loader(tmp_path, capsys):
     write_coco(tmp_path)
-    ds = data.DetDataset("coco", "val", 64, data_dir=str(tmp_path))
-    assert "dropped 3 annotations" in capsys.readouterr().out
+    ds = data.DetDataset("coco", "test", 64, data_dir=str(tmp_path))  # test is val2017
+    assert "dropped 3 annotations from training" in capsys.readouterr().out
     assert len(ds) == 3 and ds.num_classes == 3 and ds.cat_ids == [1, 3, 7]
     assert ds.class_names == ("person", "car", "kite")
     image, target = ds[0]
@@ -350,14 +350,20 @@ def test_coco_loader(tmp_path, capsys):
     image, target = ds[1]
     assert torch.allclose(target["boxes"], torch.tensor([[30 * 64 / 60, 20 * 64 / 50, 64, 64]]))
     assert target["labels"].tolist() == [1]
+    # evaluation sees the annotations as COCOeval does: unclipped, zero-area and outside ones included
+    gt = target["eval_gt"]
+    assert gt["bbox"].tolist() == [[30, 20, 40, 40], [3, 3, 0, 5], [100, 100, 5, 5]]
+    assert gt["labels"].tolist() == [1, 1, 2] and gt["area"].tolist() == [900, 0, 25]
     image, target = ds[2]  # no annotations: kept, empty targets
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["image_id"] == 13
-    assert len(data.DetDataset("coco", "test", 32, data_dir=str(tmp_path))) == 3
+    assert target["eval_gt"]["bbox"].shape == (0, 4)
+    with pytest.raises(ValueError, match="instances_train2017.json"):  # val: a hold-out of train2017
+        data.DetDataset("coco", "val", 32, data_dir=str(tmp_path))
 
 
 def test_coco_missing_key_names_file_and_key(tmp_path):
     write_coco(tmp_path, drop_key="bbox")
     with pytest.raises(ValueError, match=r"instances_val2017\.json.*'bbox'"):
-        data.DetDataset("coco", "val", 32, data_dir=str(tmp_path))
+        data.DetDataset("coco", "test", 32, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "annotations" / "instances_train2017.json"))):
         data.DetDataset("coco", "train", 32, data_dir=str(tmp_path))
