@@ -63,6 +63,9 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
     p.add_argument("--split", default="test", choices=["val", "test"],
                    help="test by default: ckpt_best.pt was selected on val")
+    p.add_argument("--resize-to-train", action="store_true",
+                   help="add the baseline row at each resolution: the image resized to the training size, the "
+                        "prediction resized back")
     p.add_argument("--ignore-spacing", action="store_true", help="feed the training spacing at every resolution (seg; no effect on unet or --pe rope/none)")
     p.add_argument("--samples", type=int, default=4, help="images drawn in samples_<r>.png (0: none)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -139,6 +142,31 @@ def build_eval_model(train_args, state, r, device, path):
     if args.task == "det" and device.type == "cuda":
         model.backbone.amp_dtype = torch.bfloat16  # as in training: boxes and NMS stay float32
     return model.to(device).eval()
+
+
+def resized_to_train(model, train_args):
+    """The baseline of every sweep: the test image resized to the training size, the
+    prediction resized back to the test image (seg: the logits; det: the boxes). A
+    resolution-aware model fed the native image should beat it: it has the extra detail."""
+    t = train_args["image_size"]
+    if train_args["task"] == "seg":
+        sizes = level_sizes(t, train_args["scales"])
+
+        def seg(levels, spacings=None):
+            small = [F.interpolate(x, size=s, mode="bilinear", antialias=True, align_corners=False)
+                     for x, s in zip(levels, sizes)]
+            return F.interpolate(model(small).float(), size=levels[0].shape[2:], mode="bilinear", align_corners=False)
+        return seg
+
+    def det(images):
+        small = [F.interpolate(im[None], size=(t, t), mode="bilinear", antialias=True, align_corners=False)[0]
+                 for im in images]
+        out = model(small)
+        for o, im in zip(out, images):
+            h, w = im.shape[-2:]
+            o["boxes"] = o["boxes"] * o["boxes"].new_tensor([w / t, h / t, w / t, h / t])
+        return out
+    return det
 
 
 def build_eval_dataset(train_args, args, r):
@@ -340,7 +368,7 @@ def markdown(rows, meta):
               f"scales {meta['scales']}, {spacing}, {meta['device']}; memory: {meta['memory']}; "
               f"scored {meta.get('scored', '')}")
     cols = list(rows[0])
-    fmt = lambda k, v: str(v) if isinstance(v, int) else f"{v:.1f}" if k in ("ms_per_image", "peak_mem_mb") else f"{v:.4f}"
+    fmt = lambda k, v: str(v) if isinstance(v, (int, str)) else f"{v:.1f}" if k in ("ms_per_image", "peak_mem_mb") else f"{v:.4f}"
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join(fmt(k, row[k]) for k in cols) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -386,6 +414,11 @@ def main(args):
     meta["scored"] = SCORED[meta["data"]]
     spacings = training_spacings(train_args) if args.ignore_spacing else None  # None: the model derives 1/size
     model = build_eval_model(train_args, state, train_args["image_size"], device, args.ckpt) if task == "seg" else None
+    baseline = None
+    if args.resize_to_train:
+        at_train = model if task == "seg" else build_eval_model(train_args, state, train_args["image_size"], device,
+                                                                 args.ckpt)
+        baseline = resized_to_train(at_train, train_args)
     rows = []
     for r in resolutions:
         dataset = build_eval_dataset(train_args, args, r)
@@ -397,26 +430,33 @@ def main(args):
         mask_dir = os.path.join(out, f"masks_{r}") if meta["data"] == "isic" else None
         if mask_dir:
             os.makedirs(mask_dir, exist_ok=True)
-        try:
-            if task == "det":
-                model = None  # free the previous detector before measuring memory
-                model = build_eval_model(train_args, state, r, device, args.ckpt)
-            mem = memory_start(device)
-            if task == "seg":
-                metrics, seconds, samples = eval_seg(model, loader, spacings, device, args.samples, f"{r} px", mask_dir)
-            else:
-                metrics, seconds, dets, targets, samples = eval_det(model, loader, device, args.samples, f"{r} px")
-            peak = memory_peak_mb(device, mem)
-        except RuntimeError as e:  # out of memory, or a shape this model cannot take
-            done = f"; results for smaller resolutions are in {out}" if rows else ""
-            raise ValueError(f"--resolutions: evaluation at {r} px failed: {str(e).splitlines()[0][:300]}{done}") from None
-        rows.append(dict(resolution=r, **metrics, ms_per_image=1000 * seconds / len(dataset),
-                         peak_mem_mb=peak, images=len(dataset)))
-        if samples:
-            png = seg_samples_png(samples, r) if task == "seg" else det_samples_png(samples, r, dataset.class_names)
-            write_atomic(os.path.join(out, f"samples_{r}.png"), png_bytes(png))
         if task == "det":
-            write_atomic(os.path.join(out, f"detections_{r}.json"), json.dumps(detections_json(dets, targets, dataset, r)))
+            model = None  # free the previous detector before measuring memory
+            model = build_eval_model(train_args, state, r, device, args.ckpt)
+        inputs = [("native", model)] + ([(f"resized to {train_args['image_size']}", baseline)] if baseline else [])
+        for how, net in inputs:
+            try:
+                mem = memory_start(device)
+                if task == "seg":
+                    metrics, seconds, samples = eval_seg(net, loader, spacings, device, args.samples, f"{r} px {how}",
+                                                         mask_dir if how == "native" else None)
+                else:
+                    metrics, seconds, dets, targets, samples = eval_det(net, loader, device, args.samples,
+                                                                        f"{r} px {how}")
+                peak = memory_peak_mb(device, mem)
+            except RuntimeError as e:  # out of memory, or a shape this model cannot take
+                done = f"; results for smaller resolutions are in {out}" if rows else ""
+                raise ValueError(f"--resolutions: evaluation at {r} px failed: {str(e).splitlines()[0][:300]}{done}") from None
+            rows.append(dict(resolution=r, input=how, **metrics, ms_per_image=1000 * seconds / len(dataset),
+                             peak_mem_mb=peak, images=len(dataset)))
+            if how != "native":
+                continue  # the files below are the model's own
+            if samples:
+                png = seg_samples_png(samples, r) if task == "seg" else det_samples_png(samples, r, dataset.class_names)
+                write_atomic(os.path.join(out, f"samples_{r}.png"), png_bytes(png))
+            if task == "det":
+                write_atomic(os.path.join(out, f"detections_{r}.json"),
+                             json.dumps(detections_json(dets, targets, dataset, r)))
         write_results(out, rows, meta)
     print(markdown(rows, meta))
     print(f"wrote {out}/results.{{csv,md,json}}")
