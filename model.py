@@ -77,10 +77,12 @@ class Block(nn.Module):
 
 class RAT(nn.Module):
     def __init__(self, in_chans=3, dim=64, depth=4, heads=4, spatial_dims=2, patch=4, strides=None,
-                 pe="rose", sga="local", mlp_ratio=4, dropout=0.0, rotary_ratio=0.5, sga_iters=3, radius=1):
+                 pe="rose", sga="local", mlp_ratio=4, dropout=0.0, rotary_ratio=0.5, sga_iters=3, radius=1,
+                 ref_size=None):
         super().__init__()
         strides = strides or default_strides(depth)
         self.dim, self.patch, self.pe, self.spatial_dims = dim, patch, pe, spatial_dims
+        self.ref_size = ref_size  # see block_strides
         # Overlapping patches, centered on their cell: kernel P + 2 * (P // 2), so
         # that token j sits at (j + 0.5) * P pixels, as the coordinates say.
         self.stem = CONV[spatial_dims](in_chans, dim, patch + 2 * (patch // 2), stride=patch, padding=patch // 2)
@@ -109,8 +111,8 @@ class RAT(nn.Module):
                 t = t + sincos_embedding(grid_centers(grid, sp), self.dim).to(t)
             stage.append((t, grid, sp, None))
         stages = [stage]
-        for sga, block in zip(self.sgas, self.blocks):
-            stage = [sga(t, grid, sp) for t, grid, sp, _ in stage]      # per level: downsample
+        for sga, block, stride in zip(self.sgas, self.blocks, self.block_strides(spacings)):
+            stage = [sga(t, grid, sp, stride) for t, grid, sp, _ in stage]  # per level: downsample
             x = torch.cat([t for t, *_ in stage], dim=1)                # [B, sum N_l, dim]
             pos = [positions(grid, sp, self.pe) for _, grid, sp, _ in stage]
             pos = None if pos[0] is None else torch.cat(pos).to(x.device)
@@ -119,6 +121,18 @@ class RAT(nn.Module):
             stages.append(stage)
         last = [(self.norm(t), grid, sp, A) for t, grid, sp, A in stages[-1]]
         return stages[:-1] + [last]
+
+
+    def block_strides(self, spacings):
+        """SGA strides for an input of these pixel spacings. With ref_size (the training
+        size), the first grouping stride scales with the input's resolution, so that the
+        tokens of every later block sit at the physical spacing they had in training,
+        however fine the input: SGA summarizes the extra pixels (DESIGN.md section 8)."""
+        strides = [sga.stride for sga in self.sgas]
+        if self.ref_size:
+            pixels_per_train_pixel = 1 / (spacings[0][0] * self.ref_size)
+            strides[0] = max(1, round(strides[0] * pixels_per_train_pixel))
+        return strides
 
 
 def init_weights(m):
@@ -152,7 +166,8 @@ class RATSeg(nn.Module):
         y = stages[-1][0][0]                                            # finest level, last block
         for b in reversed(range(len(self.backbone.sgas))):
             skip, grid, _, _ = stages[b][0]
-            y = self.backbone.sgas[b].unpool(y, stages[b + 1][0][3], grid)
+            stride = round(stages[b + 1][0][2][0] / stages[b][0][2][0])       # the one this input used
+            y = self.backbone.sgas[b].unpool(y, stages[b + 1][0][3], grid, stride)
             y = y + self.fuse[b](torch.cat([y, skip], dim=-1))         # [B, N_b, dim]
         x = levels[0]
         B, D, P, K = x.shape[0], len(grid), self.backbone.patch, self.pixels.out_channels
@@ -211,7 +226,7 @@ def backbone_autocast(x, dtype):
     return torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-class ResNetFPN(BackboneWithFPN):
+class ConvFPN(BackboneWithFPN):
     amp_dtype = None  # as RATBackbone's
 
     def forward(self, x):
@@ -274,18 +289,46 @@ def build_seg_model(model="rat", num_classes=1, **rat):
     return UNet(num_classes, width=width, spatial_dims=D)
 
 
+def small_cnn(width):
+    """A plain conv body for the `cnn` detector baseline: a stride-4 stem, then four stages
+    that halve the resolution (strides 4, 8, 16, 32 as ResNet's), GroupNorm as everywhere."""
+    ws = [width * 2 ** i for i in range(4)]
+    body = nn.Sequential(OrderedDict(
+        [("stem", nn.Sequential(nn.Conv2d(3, ws[0], 3, stride=2, padding=1), nn.GroupNorm(4, ws[0]), nn.GELU()))] +
+        [(f"layer{i + 1}", nn.Sequential(nn.Conv2d(ws[max(i - 1, 0)], ws[i], 3, stride=2, padding=1),
+                                         conv_block(nn.Conv2d, ws[i], ws[i]))) for i in range(4)]))
+    return body, ws
+
+
 def build_detector(model="rat", num_classes=3, image_size=128, scales=(1.0,), head_convs=2, **rat):
-    """torchvision FCOS on RAT's feature maps (or, for `resnet`, on a ResNet-18 + FPN
-    trained from scratch). Labels are 1..num_classes; min_size = max_size =
+    """torchvision FCOS on RAT's feature maps, or a conv baseline trained from scratch:
+    `cnn`, a plain CNN + FPN whose width makes its parameter count closest to the RAT
+    detector's (as the U-Net is for segmentation), or `resnet`, a ResNet-18 + FPN (a
+    reference with many more parameters). Labels are 1..num_classes; min_size = max_size =
     image_size, so the detector's internal resize keeps our resolution."""
+    if model == "cnn":
+        target = num_params(build_detector("rat", num_classes, image_size, scales, head_convs, **rat))
+        width = min(range(4, 65, 4), key=lambda w: abs(num_params(cnn_detector(w, num_classes, image_size, head_convs,
+                                                                                  rat.get("dim", 64))) - target))
+        return cnn_detector(width, num_classes, image_size, head_convs, rat.get("dim", 64))
     if model == "rat":
         backbone = RATBackbone(scales, image_size, **rat)
         strides, mean, std = backbone.strides, [0.0] * 3, [1.0] * 3            # RAT normalizes its input
     else:
         resnet = torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(8, c))
         layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
-        backbone = ResNetFPN(resnet, layers, [64, 128, 256, 512], rat.get("dim", 64))
+        backbone = ConvFPN(resnet, layers, [64, 128, 256, 512], rat.get("dim", 64))
         strides, mean, std = [4, 8, 16, 32, 64], [0.5] * 3, [0.25] * 3          # FPN adds a max-pooled level
+    return fcos(backbone, strides, mean, std, num_classes, image_size, head_convs)
+
+
+def cnn_detector(width, num_classes, image_size, head_convs, dim):
+    body, ws = small_cnn(width)
+    backbone = ConvFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, ws, dim)
+    return fcos(backbone, [4, 8, 16, 32, 64], [0.5] * 3, [0.25] * 3, num_classes, image_size, head_convs)
+
+
+def fcos(backbone, strides, mean, std, num_classes, image_size, head_convs):
     anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
     head = FCOSHead(backbone.out_channels, 1, num_classes + 1, num_convs=head_convs)
     return FCOS(backbone, num_classes + 1, min_size=image_size, max_size=image_size, image_mean=mean,

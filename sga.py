@@ -167,6 +167,16 @@ def _cached_local_masks(grid, stride, radius, device):
         return _local_masks(grid, stride, radius, device)
 
 
+def resize_kernel(w, size):
+    """Conv weight [C_out, C_in, *S0] -> [C_out, C_in, *size] with the same response to a
+    smooth input: area resampling, rescaled by the change in taps. For an integer factor up
+    it is exactly "average-pool the input by that factor, then apply w"; down, exactly
+    "repeat each input token, then apply w"."""
+    S0, D = w.shape[2:], w.dim() - 2
+    taps = math.prod(S0) / size ** D
+    return F.interpolate(w, size=(size,) * D, mode="area") * taps
+
+
 class MLP(nn.Sequential):
     def __init__(self, dim, ratio=4, dropout=0.0):
         super().__init__(nn.Linear(dim, dim * ratio), nn.GELU(), nn.Dropout(dropout),
@@ -192,22 +202,24 @@ class SGA(nn.Module):
             order = torch.cat([(torch.arange(heads)[:, None] * d + p).flatten() for p in part])
             self.register_buffer("kv_order", torch.cat([order, torch.arange(dim, 2 * dim)]), persistent=False)
 
-    def forward(self, x, grid, spacing):
+    def forward(self, x, grid, spacing, stride=None):
         """x: [B, N, C] on `grid` with `spacing` -> (groups [B, M, C], grid_out,
         spacing_out, A). A is the soft assignment averaged over heads:
-        local [B, M, S^D, K], dense [B, N, M], none None."""
+        local [B, M, S^D, K], dense [B, N, M], none None. stride: another than the
+        one the module was built with (the init kernel is resized to it)."""
         B, N, C = x.shape
-        S, D = self.stride, len(grid)
+        S, D = stride or self.stride, len(grid)
         go, so = out_grid(grid, S), tuple(s * S for s in spacing)
         # the strided conv (kernel = stride) as a linear map of each home block: no transpose to [B, C, *grid]
-        w = self.init.weight.permute(0, *range(2, 2 + D), 1).reshape(C, -1)    # [C, S^D * C], as the blocks
+        w = self.init.weight if S == self.stride else resize_kernel(self.init.weight, S)
+        w = w.permute(0, *range(2, 2 + D), 1).reshape(C, -1)                    # [C, S^D * C], as the blocks
         groups = F.linear(head_blocks(x, grid, S, 1).reshape(B, math.prod(go), -1), w, self.init.bias)  # [B, M, C]
         if self.mode == "none":
             return groups, go, so, None
 
         h, d = self.heads, C // self.heads
         if self.mode == "local":
-            return self._local_forward(x, groups, grid, spacing, go, so)
+            return self._local_forward(x, groups, grid, spacing, go, so, S)
         kv = self.to_kv(self.norm_x(x))                                          # [B, N, 2C]
         k, v = (t.reshape(B, N, h, d).transpose(1, 2) for t in kv.chunk(2, dim=-1))  # [B, h, N, d]
         if self.rose is not None:
@@ -224,7 +236,7 @@ class SGA(nn.Module):
             groups = groups + self.mlp(self.norm_mlp(groups))
         return groups, go, so, A.mean(dim=1)
 
-    def _local_forward(self, x, groups, grid, spacing, go, so):
+    def _local_forward(self, x, groups, grid, spacing, go, so, S):
         """Local grouping. Layout: heads folded into the batch, fine tokens in blocks of
         their home group: kb, vb [Bh, M, S^D, d]; logits and A [Bh, M, K, S^D] (softmax
         over K on a dim that is not the last: ~10x faster on CPU than over a last
@@ -236,7 +248,7 @@ class SGA(nn.Module):
         block layout puts every head's channels back in order."""
         B, N, C = x.shape
         M = groups.shape[1]
-        h, d, S, D, r = self.heads, C // self.heads, self.stride, len(grid), self.radius
+        h, d, D, r = self.heads, C // self.heads, len(grid), self.radius
         masks = _local_masks if torch.compiler.is_compiling() else _cached_local_masks   # compile: traced once
         invalid, real = masks(tuple(grid), S, r, x.device)
         if self.rose is None:
@@ -272,16 +284,17 @@ class SGA(nn.Module):
             A = A * real.reshape(1, M, S ** D, 1)
         return groups, go, so, A
 
-    def unpool(self, groups, A, grid_in):
+    def unpool(self, groups, A, grid_in, stride=None):
         """Inverse direction for the decoder: fine_i = sum_j A_ij group_j.
-        groups: [B, M, C] on out_grid(grid_in) -> [B, N, C] on grid_in."""
-        go = out_grid(grid_in, self.stride)
+        groups: [B, M, C] on out_grid(grid_in, stride) -> [B, N, C] on grid_in."""
+        S = stride or self.stride
+        go = out_grid(grid_in, S)
         if self.mode == "dense":
             return A @ groups
         if self.mode == "local":
             nb = gather_neighbours(groups, go, self.radius)                         # [B, M, K, C]
-            return from_blocks(A @ nb, grid_in, self.stride)                        # A: [B, M, S^D, K]
+            return from_blocks(A @ nb, grid_in, S)                                  # A: [B, M, S^D, K]
         # none: every token takes its home group
         B, M, C = groups.shape
-        rep = groups[:, :, None, :].expand(B, M, self.stride ** len(grid_in), C)
-        return from_blocks(rep, grid_in, self.stride)
+        rep = groups[:, :, None, :].expand(B, M, S ** len(grid_in), C)
+        return from_blocks(rep, grid_in, S)

@@ -45,8 +45,9 @@ def get_args_parser():
     p.add_argument("--data", default="synthetic", choices=["synthetic", "isic", "coco"])
     p.add_argument("--data-dir", default=None, help="dataset root (ISIC 2018 or COCO 2017 layout)")
     p.add_argument("--out", default=None, help="run folder (default runs/<task>)")
-    p.add_argument("--model", default="rat", choices=["rat", "unet", "resnet"],
-                   help="rat, or the baseline: unet (seg) or resnet (det)")
+    p.add_argument("--model", default="rat", choices=["rat", "unet", "cnn", "resnet"],
+                   help="rat, or a baseline: unet (seg); cnn (det, about RAT's parameter count) or resnet "
+                        "(det, ResNet-18: many more parameters)")
     p.add_argument("--image-size", type=int, default=None,
                    help="training and validation resolution (default 64 seg, 128 det)")
     p.add_argument("--train-sizes", default=None,
@@ -100,7 +101,7 @@ def fill_defaults(args):
         args.strides = ",".join(map(str, [2, 2] + [1] * (args.depth - 2)))
     args.epochs = args.epochs or (8 if seg else 12)
     args.out = args.out or os.path.join("runs", args.task)
-    if args.model == ("resnet" if seg else "unet"):
+    if args.model in (("cnn", "resnet") if seg else ("unet",)):
         raise ValueError(f"--model {args.model} is not a baseline for --task {args.task}")
     if args.data == ("coco" if seg else "isic"):
         raise ValueError(f"--data {args.data} is not a {args.task} dataset")

@@ -95,3 +95,13 @@ def test_fcos_with_rat_backbone_overfits_a_tiny_batch():
     with torch.no_grad():
         out = det(images)
     assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_cnn_detector_baseline_matches_rats_parameter_count_and_trains():
+    from model import build_detector, num_params
+    kw = dict(dim=32, depth=2, heads=2, patch=4, strides=[2, 2])
+    rat, cnn = build_detector("rat", 3, 128, **kw), build_detector("cnn", 3, 128, **kw)
+    assert abs(num_params(cnn) - num_params(rat)) < 0.15 * num_params(rat)
+    losses = cnn([torch.rand(3, 128, 128)], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in cnn.backbone.parameters())

@@ -1,0 +1,52 @@
+"""Resolution awareness by construction: with ref_size, the first grouping stride follows the
+input's resolution, so every later block sees the token grid (and physical spacing) of training."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import build_seg_model
+from sga import resize_kernel
+
+
+@pytest.mark.parametrize("size", [8, 2, 12])
+def test_resized_kernel_equals_resampling_the_input(size):
+    torch.manual_seed(0)
+    w, x = torch.randn(5, 5, 4, 4), torch.randn(2, 5, 48, 48)
+    if size % 4 == 0:   # finer input: average-pool it by the factor, then the trained kernel
+        ref = F.conv2d(F.avg_pool2d(x, size // 4), w, stride=4)
+    elif 4 % size == 0:   # coarser input: repeat each token, then the trained kernel
+        f = 4 // size
+        ref = F.conv2d(x.repeat_interleave(f, -1).repeat_interleave(f, -2), w, stride=4)
+    else:   # a fractional factor (3x) has no exact equivalent: the response to a constant is kept
+        x = torch.ones_like(x)
+        ref = F.conv2d(torch.ones(2, 5, 4, 4), w, stride=4).mean() * torch.ones(2, 5, 4, 4)
+    out = F.conv2d(x, resize_kernel(w, size), stride=size)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def rat(ref_size):
+    torch.manual_seed(0)
+    model = build_seg_model("rat", dim=16, depth=4, heads=2, patch=2, strides=[4, 2, 2, 1])
+    model.backbone.ref_size = ref_size
+    return model.eval()
+
+
+def grids(model, size):
+    levels = [torch.rand(1, 3, size, size), torch.rand(1, 3, size // 2, size // 2)]
+    with torch.no_grad():
+        stages = model.backbone(levels)
+        assert model(levels).shape == (1, 1, size, size)
+    return [stage[0][1] for stage in stages[1:]]   # finest level, every block
+
+
+def test_deep_tokens_keep_the_training_grid_at_any_resolution():
+    fixed, physical = rat(None), rat(64)
+    for size in (32, 48, 64, 128, 256):
+        assert grids(physical, size) == [(8, 8), (4, 4), (2, 2), (2, 2)], size
+    assert grids(fixed, 256) == [(32, 32), (16, 16), (8, 8), (8, 8)]   # without: 16x the tokens
+
+
+def test_at_the_training_size_nothing_changes():
+    levels = [torch.rand(2, 3, 64, 64), torch.rand(2, 3, 32, 32)]
+    with torch.no_grad():
+        assert torch.equal(rat(None)(levels), rat(64)(levels))
