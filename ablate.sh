@@ -13,6 +13,22 @@
 #
 #   bash ablate.sh                       # preset "cpu": synthetic data, 2 CPU cores, ~50 min
 #   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh      # ISIC 2018 on GPUs
+#   PRESET=robust bash ablate.sh         # the resolution robustness study (below), ~1 h
+#
+# The resolution robustness study (PRESET=robust, ablations/robust/): can a model hold its
+# Dice from 0.5x to 4x its training size, and does it beat resizing the image to the
+# training size (DESIGN.md section 8)? Models: RAT with --pe rose | rope | absolute | none,
+# and the U-Net. Recipes: single (trained at IMAGE_SIZE) and multi (--train-sizes
+# TRAIN_SIZES, default 0.5x,0.75x,1x,1.5x,2x IMAGE_SIZE, one size per step; validated at
+# IMAGE_SIZE); variants rose_single, rose_multi, ..., unet_multi. Every run is evaluated
+# at 0.5x, 1x, 2x and 4x IMAGE_SIZE with eval.py --resize-to-train. robust_table.py writes
+# results.md, results.csv (mean ± std of Dice over seeds per model x recipe x input x test
+# resolution) and dice_vs_resolution.png.
+# Time on this 2-core CPU, nothing else running: 30 runs, two at a time, one thread each.
+# Measured: a RAT epoch (600 images, 64 px) 11 s (the cpu preset); with --train-sizes
+# 32..128 17 s of CPU; eval.py at 32..256 px with the baseline, 200 test images, 60 s of CPU.
+# At 1000 images x 8 epochs: RAT 205 s (single) / 286 s (multi), U-Net ~120 / ~165 s, per
+# run with its evaluation, so 3 seeds x 2250 s / 2 cores = ~56 min (90 min allows ~1.5x).
 #
 # Presets (PRESET=...):
 #   cpu   (default) synthetic data, 64 px, 600 train / 100 val, 6 epochs, batch 16,
@@ -20,11 +36,15 @@
 #   full  DATA=isic, 256 px, all images, 10 epochs, batch 16, dim 128, depth 4, heads 8,
 #         patch 4, lr 1e-4, dropout 0.1; one training at a time over NPROC GPUs (torchrun).
 #   tiny  a smoke test (seconds per run): 32 px, 16 train / 4 val, 1 epoch, dim 16.
+#   robust the resolution robustness study (above): synthetic data, 64 px, 1000 train /
+#         100 val, 8 epochs, batch 16, dim 64, depth 4, heads 4, patch 2; 200 test images;
+#         two trainings at a time, one thread each.
 # Any of these env vars overrides the preset's value:
 #   DATA DATA_DIR IMAGE_SIZE TRAIN_SIZE VAL_SIZE TEST_LIMIT EPOCHS BATCH_SIZE LR DROPOUT
 #   DIM DEPTH HEADS PATCH SEEDS (comma-separated) NPROC (processes per training)
 #   JOBS (trainings at a time) THREADS (OMP_NUM_THREADS per process) WORKERS
 #   OUT (default ablations/<preset>) VARIANTS (comma-separated subset of the names below)
+#   TRAIN_SIZES (robust: the multi recipe's --train-sizes)
 #
 # Each run lives in OUT/runs/<variant>_s<seed>/ (train.py's run folder, plus eval/ and,
 # for the default, eval_ignore_spacing/). Rerunning skips finished runs; an interrupted
@@ -57,7 +77,13 @@ case $PRESET in
     BATCH_SIZE=${BATCH_SIZE:-8}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-16}
     DEPTH=${DEPTH:-4}; HEADS=${HEADS:-2}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-1}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
-  *) echo "ablate.sh: unknown PRESET=$PRESET (cpu, full or tiny)" >&2; exit 2 ;;
+  robust)
+    DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-64}; TRAIN_SIZE=${TRAIN_SIZE:-1000}
+    VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-8}
+    BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
+    JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
+  *) echo "ablate.sh: unknown PRESET=$PRESET (cpu, full, tiny or robust)" >&2; exit 2 ;;
 esac
 SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-ablations/$PRESET}
@@ -67,7 +93,7 @@ RUNS=$OUT/runs
 [[ -n $THREADS ]] && export OMP_NUM_THREADS=$THREADS
 
 # The variants: name, what it changes (train.py flags appended to the default ones).
-ALL_VARIANTS=(
+COMPONENT_VARIANTS=(
   "default|"
   "scales_1|--scales 1"
   "scales_1_0.5_0.25|--scales 1,0.5,0.25"
@@ -83,13 +109,28 @@ ALL_VARIANTS=(
   "dim_$((DIM * 3 / 2))|--dim $((DIM * 3 / 2))"
   "unet|--model unet"
 )
+TABLE=(python ablate_table.py)
+RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2))
+EVAL_FLAGS=()
+if [[ $PRESET == robust ]]; then
+  # each model twice: <model>_single at IMAGE_SIZE, <model>_multi at sizes from 0.5x to 2x
+  TRAIN_SIZES=${TRAIN_SIZES:-$((IMAGE_SIZE / 2)),$((IMAGE_SIZE * 3 / 4)),$IMAGE_SIZE,$((IMAGE_SIZE * 3 / 2)),$((IMAGE_SIZE * 2))}
+  ALL_VARIANTS=()
+  for entry in "rose|--pe rose" "rope|--pe rope" "absolute|--pe absolute" "none|--pe none" "unet|--model unet"; do
+    ALL_VARIANTS+=("${entry%%|*}_single|${entry#*|}" "${entry%%|*}_multi|${entry#*|} --train-sizes $TRAIN_SIZES")
+  done
+  RESOLUTIONS=$RESOLUTIONS,$((IMAGE_SIZE * 4))  # up to 4x: twice beyond the largest training size
+  EVAL_FLAGS=(--resize-to-train)  # the baseline row: resized to IMAGE_SIZE and back
+  TABLE=(python robust_table.py)
+else
+  ALL_VARIANTS=("${COMPONENT_VARIANTS[@]}")
+fi
 DEFAULT_FLAGS=(--task seg --data "$DATA" --image-size "$IMAGE_SIZE" --scales 1,0.5 --pe rose --sga local
                --depth "$DEPTH" --dim "$DIM" --heads "$HEADS" --patch "$PATCH" --epochs "$EPOCHS"
                --batch-size "$BATCH_SIZE" --lr "$LR" --dropout "$DROPOUT" --workers "$WORKERS")
 [[ -n $DATA_DIR ]] && DEFAULT_FLAGS+=(--data-dir "$DATA_DIR")
 [[ -n $TRAIN_SIZE ]] && DEFAULT_FLAGS+=(--train-size "$TRAIN_SIZE")
 [[ -n $VAL_SIZE ]] && DEFAULT_FLAGS+=(--val-size "$VAL_SIZE")
-RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2))
 if [[ $NPROC -gt 1 ]]; then LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
 else LAUNCH=(python); fi
 
@@ -154,7 +195,7 @@ eval_variant() {  # name seed -> 0 evaluated, 1 failed (recorded)
   for sub in $(eval_dirs "$dir" "$name"); do
     [[ -f $dir/$sub/results.json ]] && continue
     opts=(--ckpt "$dir/ckpt_best.pt" --resolutions "$RESOLUTIONS" --split test --samples 2
-          --workers "$WORKERS" --out "$dir/$sub.partial")
+          --workers "$WORKERS" --out "$dir/$sub.partial" "${EVAL_FLAGS[@]}")
     [[ -n $TEST_LIMIT ]] && opts+=(--limit "$TEST_LIMIT")
     [[ $sub == eval_ignore_spacing ]] && opts+=(--ignore-spacing)
     touch "$dir/eval.log"
@@ -201,7 +242,7 @@ main() {
   else
     for entry in "${ALL_VARIANTS[@]}"; do names+=("${entry%%|*}"); done
   fi
-  [[ $((DIM / 2 % HEADS)) -eq 0 && $((DIM * 3 / 2 % HEADS)) -eq 0 ]] || {
+  [[ $PRESET == robust || ($((DIM / 2 % HEADS)) -eq 0 && $((DIM * 3 / 2 % HEADS)) -eq 0) ]] || {
     echo "ablate.sh: the width variants $((DIM / 2)), $((DIM * 3 / 2)) must be divisible by HEADS=$HEADS" >&2; exit 2; }
   IFS=', ' read -ra seeds <<<"$SEEDS"
   mkdir -p "$RUNS"
@@ -221,7 +262,7 @@ main() {
   done
   wait
   trap - INT TERM
-  python ablate_table.py --out "$OUT" --seeds "$SEEDS" --preset "$PRESET"
+  "${TABLE[@]}" --out "$OUT" --seeds "$SEEDS" --preset "$PRESET"
   local failed
   failed=$(find "$RUNS" -name failed.txt | sort)
   if [[ -n $failed ]]; then log "failed runs (rerun to retry):"; echo "$failed"; exit 1; fi

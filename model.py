@@ -285,7 +285,8 @@ def build_seg_model(model="rat", num_classes=1, **rat):
     if model == "rat":
         return net
     target, D = num_params(net), rat.get("spatial_dims", 2)
-    width = min(range(4, 129, 4), key=lambda w: abs(num_params(UNet(num_classes, width=w, spatial_dims=D)) - target))
+    with torch.device("meta"):  # counting only: no memory, no initialisation
+        width = min(range(4, 129, 4), key=lambda w: abs(num_params(UNet(num_classes, width=w, spatial_dims=D)) - target))
     return UNet(num_classes, width=width, spatial_dims=D)
 
 
@@ -307,9 +308,10 @@ def build_detector(model="rat", num_classes=3, image_size=128, scales=(1.0,), he
     reference with many more parameters). Labels are 1..num_classes; min_size = max_size =
     image_size, so the detector's internal resize keeps our resolution."""
     if model == "cnn":
-        target = num_params(build_detector("rat", num_classes, image_size, scales, head_convs, **rat))
-        width = min(range(4, 65, 4), key=lambda w: abs(num_params(cnn_detector(w, num_classes, image_size, head_convs,
-                                                                                  rat.get("dim", 64))) - target))
+        with torch.device("meta"):  # counting only: no memory, no initialisation
+            target = num_params(build_detector("rat", num_classes, image_size, scales, head_convs, **rat))
+            width = min(range(4, 65, 4), key=lambda w: abs(num_params(
+                cnn_detector(w, num_classes, image_size, head_convs, rat.get("dim", 64))) - target))
         return cnn_detector(width, num_classes, image_size, head_convs, rat.get("dim", 64))
     if model == "rat":
         backbone = RATBackbone(scales, image_size, **rat)

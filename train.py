@@ -132,7 +132,9 @@ def parse_train_sizes(text, args):
         raise ValueError(f"--train-sizes: expected comma-separated integers like 32,48,64,96,128, got {text!r}") from None
     patch = args.patch if args.model == "rat" else 1
     for size in sizes:  # the stem needs a patch of real pixels on every pyramid level
-        coarsest = min(level_sizes(size, args.scales)[-1]) if size > 0 else size
+        if size < 1:
+            raise ValueError(f"--train-sizes: every size must be a positive integer, got {size}")
+        coarsest = min(level_sizes(size, args.scales)[-1])
         if coarsest < patch:
             raise ValueError(f"--train-sizes: {size} is too small: its coarsest pyramid level would be {coarsest} px, "
                              f"below the stem patch of {patch} px")

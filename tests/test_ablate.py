@@ -9,6 +9,7 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,3 +135,95 @@ def test_readme_shows_the_table_the_study_wrote():
     start, end = "<!-- begin ablations/cpu/results.md -->\n", "\n<!-- end ablations/cpu/results.md -->"
     shown = readme[readme.index(start) + len(start):readme.index(end)]
     assert shown == open(os.path.join(ROOT, "ablations", "cpu", "results.md")).read().rstrip()
+
+
+# --- the resolution robustness study (PRESET=robust, robust_table.py) ---------------------
+
+def robust_env(out, variants, **extra):
+    """PRESET=robust at tiny sizes: 32 px (multi: 16..64 px), tested at 16, 32, 64, 128 px."""
+    return study_env(out, variants, PRESET="robust", IMAGE_SIZE="32", DIM="16", HEADS="2", BATCH_SIZE="8",
+                     SEEDS="1", **extra)
+
+
+def test_robust_preset_lists_every_model_and_recipe(tmp_path):
+    run = subprocess.run(["bash", "ablate.sh"], cwd=ROOT, env=robust_env(tmp_path / "robust", "bogus"),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "unknown variant bogus (known: " + " ".join(
+        f"{m}_{r}" for m in ("rose", "rope", "absolute", "none", "unet") for r in ("single", "multi")) + ")" \
+        in run.stderr, run.stderr
+
+
+def test_robust_study_writes_table_and_plot(tmp_path):
+    # one real run (RAT, multi-size) through the whole preset; the table's arithmetic with
+    # several models, recipes and seeds is checked on made-up runs below
+    out = tmp_path / "robust"
+    env = robust_env(out, "rose_multi")
+    log = study(env)
+    assert "] train rose_multi seed 1: python train.py ... --pe rose --train-sizes 16,24,32,48,64" in log
+    args = json.loads((out / "runs" / "rose_multi_s1" / "args.json").read_text())
+    assert args["train_sizes"] == [16, 24, 32, 48, 64] and args["image_size"] == 32 and args["model"] == "rat"
+    evaluated = json.loads((out / "runs" / "rose_multi_s1" / "eval" / "results.json").read_text())["rows"]
+    assert [(r["resolution"], r["input"]) for r in evaluated] == \
+        [(r, how) for r in (16, 32, 64, 128) for how in ("native", "resized to 32")]
+
+    rows = csv_rows(out)
+    assert [(r["model"], r["recipe"], r["input"], r["resolution"]) for r in rows] == \
+        [("rose", "multi", how, str(res)) for how in ("native", "resized") for res in (16, 32, 64, 128)]
+    assert all(r["status"] == "ok" and r["seeds"] == "1" and 0 <= float(r["dice_mean"]) <= 1 for r in rows)
+    table = (out / "results.md").read_text()
+    assert "| RAT (rose) | 16-64 px | native |" in table and "| RAT (rose) | 16-64 px | resized to 32 |" in table
+    assert "Dice 128 px (4x)" in table
+
+    with Image.open(out / "dice_vs_resolution.png") as im:
+        im.verify()  # a complete, valid PNG
+    with Image.open(out / "dice_vs_resolution.png") as im:
+        assert im.format == "PNG" and im.width > 500 and im.height > 300
+        colours = im.convert("RGB").getcolors(1 << 20)
+    assert max(n for n, c in colours if c == (31, 119, 180)) > 100  # rose's line and markers are drawn
+
+    log = study(env)  # finished: only the table is rebuilt
+    assert "skip rose_multi seed 1 (finished)" in log and "] train " not in log and "] evaluated " not in log
+
+
+def fake_robust_run(run_dir, native, resized, train_sizes=None, size=32):
+    """A finished robustness run folder with made-up Dice at 16, 32, 64, 128 px."""
+    os.makedirs(run_dir / "eval")
+    args = {"data": "synthetic", "model": "rat", "image_size": size, "train_sizes": train_sizes, "train_size": 16,
+            "val_size": 4, "epochs": 2, "batch_size": 8, "lr": 1e-3, "scales": [1.0, 0.5], "pe": "rose",
+            "sga": "local", "depth": 4, "dim": 16, "heads": 2, "patch": 2}
+    (run_dir / "args.json").write_text(json.dumps(args))
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "epoch_time_s": 1.5}\n{"epoch": 2, "epoch_time_s": 2.5}\n')
+    rows = [{"resolution": r, "input": how, "dice": d, "images": 4}
+            for r, n, z in zip((16, 32, 64, 128), native, resized)
+            for how, d in (("native", n), (f"resized to {size}", z))]
+    (run_dir / "eval" / "results.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_robust_table_statistics(tmp_path):
+    (tmp_path / "variants.tsv").write_text(
+        "variant\tflags\nrose_single\t--pe rose\nrose_multi\t--pe rose --train-sizes 16,32,64\nunet_single\t--model unet\n")
+    runs = tmp_path / "runs"
+    fake_robust_run(runs / "rose_single_s0", (0.5, 0.80, 0.6, 0.4), (0.6, 0.80, 0.7, 0.7))
+    fake_robust_run(runs / "rose_single_s1", (0.5, 0.82, 0.6, 0.2), (0.6, 0.82, 0.7, 0.7))
+    fake_robust_run(runs / "rose_multi_s0", (0.7, 0.80, 0.8, 0.8), (0.6, 0.80, 0.7, 0.7), train_sizes=[16, 32, 64])
+    os.makedirs(runs / "unet_single_s0")
+    (runs / "unet_single_s0" / "failed.txt").write_text("exit status 1\nboom\n")
+    run = subprocess.run([sys.executable, "robust_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = {(r["model"], r["recipe"], r["input"], int(r["resolution"])): r for r in csv_rows(tmp_path)}
+    single = rows["rose", "single", "native", 32]
+    assert abs(float(single["dice_mean"]) - 0.81) < 1e-9 and single["seeds"] == "2"
+    assert abs(float(single["dice_std"]) - 0.02 ** 0.5 / 10) < 1e-9  # sample std of 0.80, 0.82
+    at_4x = rows["rose", "single", "native", 128]  # native - resized per seed: -0.3, -0.5
+    assert abs(float(at_4x["native_minus_resized_mean"]) + 0.4) < 1e-9
+    assert rows["rose", "multi", "resized", 128]["dice_std"] == ""  # one seed: no std
+    assert rows["unet", "single", "native", 32]["status"] == "failed, missing"
+    table = (tmp_path / "results.md").read_text()
+    assert "| RAT (rose) | 32 px | native | 4 ± 0 | 0.500 ± 0.000 | 0.810 ± 0.014 | 0.600 ± 0.000 | 0.300 ± 0.141 | 2/2 |" in table
+    assert "| RAT (rose) | 16-64 px | native | 4 | 0.700 | 0.800 | 0.800 | 0.800 | 1/2 (missing) |" in table
+    assert "| U-Net | 32 px | native | - | failed, missing | - | - | - | 0/2 (failed, missing) |" in table
+    assert "| RAT (rose) | 32 px | -0.100 ± 0.000 | -0.100 ± 0.000 | -0.400 ± 0.141 |" in table
+    assert "| RAT (rose) | 16-64 px | +0.100 | +0.100 | +0.100 |" in table
+    with Image.open(tmp_path / "dice_vs_resolution.png") as im:
+        im.verify()

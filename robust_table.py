@@ -1,0 +1,281 @@
+"""Assemble the resolution robustness study's table and plot from its run folders
+(written by `PRESET=robust bash ablate.sh`).
+
+    python robust_table.py --out ablations/robust --seeds 0,1,2 --preset robust
+
+Reads OUT/variants.tsv (names <model>_<recipe>, recipe single: trained at one size, multi:
+--train-sizes) and, per run OUT/runs/<name>_s<seed>/: args.json, metrics.jsonl (training
+time) and eval/results.json (eval.py --resize-to-train: Dice at each test resolution, for the
+native image and for the resize baseline). Writes OUT/results.md, OUT/results.csv (one row
+per model, recipe, input and test resolution; mean and sample std over seeds) and
+OUT/dice_vs_resolution.png.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ablate_table import fmt, read_json, stats
+
+INPUTS = ("native", "resized")  # eval.py's input column: "native" or "resized to <train size>"
+RECIPES = ("single", "multi")  # trained at one size; with --train-sizes
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+          (23, 190, 207), (127, 127, 127)]
+
+
+def display(model):
+    """'rose' -> 'RAT (rose)': the RAT runs differ in --pe; 'unet' -> 'U-Net'."""
+    return "U-Net" if model == "unet" else f"RAT ({model})"
+
+
+def split_name(name):
+    """'rose_multi' -> ('rose', 'multi')"""
+    model, _, recipe = name.rpartition("_")
+    if recipe not in RECIPES or not model:
+        raise ValueError(f"variant {name!r}: expected <model>_single or <model>_multi")
+    return model, recipe
+
+
+def load_run(run):
+    """-> dict with status ('ok', 'does not fit', 'failed', 'missing'), args, time and
+    dice[(input, resolution)]."""
+    for marker, status in (("does_not_fit.txt", "does not fit"), ("failed.txt", "failed")):
+        if os.path.exists(os.path.join(run, marker)):
+            return {"status": status}
+    results = os.path.join(run, "eval", "results.json")
+    if not os.path.exists(results):
+        return {"status": "missing"}
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        epochs = [json.loads(line) for line in f if line.strip()]
+    res = read_json(results)
+    dice = {("native" if row["input"] == "native" else "resized", row["resolution"]): row["dice"]
+            for row in res["rows"]}
+    return {"status": "ok", "args": read_json(os.path.join(run, "args.json")), "images": res["rows"][0]["images"],
+            "time": sum(e["epoch_time_s"] for e in epochs), "dice": dice}
+
+
+def summarize(name, runs, resolutions):
+    """One table entry per (model, recipe): stats over the seeds that finished."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    model, recipe = split_name(name)
+    entry = {"model": model, "recipe": recipe, "seeds": f"{len(ok)}/{len(runs)}",
+             "status": ", ".join(sorted({r["status"] for r in runs} - {"ok"})), "time": stats([r["time"] for r in ok])}
+    for how in INPUTS:
+        for res in resolutions:
+            entry[how, res] = stats([r["dice"][how, res] for r in ok if (how, res) in r["dice"]])
+    # native minus resized, per seed (the same model both ways), then over seeds
+    for res in resolutions:
+        entry["gain", res] = stats([r["dice"]["native", res] - r["dice"]["resized", res] for r in ok
+                                    if ("native", res) in r["dice"] and ("resized", res) in r["dice"]])
+    return entry
+
+
+def factor(res, size):
+    return f"{res / size:g}x"
+
+
+def recipe_labels(ok, size):
+    """{'single': '64 px', 'multi': '32-128 px'}, from the runs' own arguments."""
+    multi = next((r["args"]["train_sizes"] for r in ok if r["args"].get("train_sizes")), None)
+    return {"single": f"{size} px", "multi": f"{min(multi)}-{max(multi)} px" if multi else "multi-size"}
+
+
+def markdown(entries, resolutions, size, labels, seeds, preset, loaded):
+    ok = [r for runs in loaded.values() for r in runs if r["status"] == "ok"]
+    lines = [f"## Resolution robustness study{' (preset ' + preset + ')' if preset else ''}", ""]
+    if ok:
+        g = ok[0]["args"]
+        multi = next((r["args"]["train_sizes"] for r in ok if r["args"].get("train_sizes")), None)
+        rat = next((r["args"] for r in ok if r["args"]["model"] == "rat"), g)
+        lines += [f"{g['data']} data, {g['train_size'] or 'all'} train / {g['val_size'] or 'all'} val images, "
+                  f"{g['epochs']} epochs, batch {g['batch_size']}, lr {g['lr']:g}. Recipes: {labels['single']} = "
+                  f"trained at that size; {labels['multi']} = one size per step drawn from "
+                  f"{','.join(map(str, multi)) if multi else '--train-sizes'} px (`--train-sizes`); both validated "
+                  f"(ckpt_best.pt picked) at {size} px. RAT: scales {','.join(f'{s:g}' for s in rat['scales'])}, sga "
+                  f"{rat['sga']}, depth {rat['depth']}, dim {rat['dim']}, heads {rat['heads']}, patch "
+                  f"{rat['patch']}; RAT (x): --pe x. Seeds {','.join(map(str, seeds))}: "
+                  f"mean ± std over seeds (sample std). Dice on the test split ({ok[0]['images']} images) at each "
+                  f"test resolution; native: the image rendered at that resolution; resized: the same image resized "
+                  f"to {size} px and the prediction resized back (`eval.py --resize-to-train`, the baseline of "
+                  f"DESIGN.md section 8). Train time: sum of epoch times.", ""]
+    heads = [f"Dice {r} px ({factor(r, size)})" for r in resolutions]
+    cols = ["model", "recipe", "input", "train time (s)", *heads, "seeds"]
+    lines += ["| " + " | ".join(cols) + " |", "|---|---|---|" + "---:|" * (len(cols) - 3)]
+    for e in entries:
+        for how in INPUTS:
+            scores = [fmt(*e[how, r][:2]) for r in resolutions]
+            if e["status"] and e["seeds"].startswith("0/"):
+                scores = [e["status"]] + ["-"] * (len(scores) - 1)
+            time = fmt(*e["time"][:2], digits=0) if how == "native" else ""
+            note = e["seeds"] + (f" ({e['status']})" if e["status"] else "")
+            label = "native" if how == "native" else f"resized to {size}"
+            lines.append("| " + " | ".join([display(e["model"]), labels[e["recipe"]], label, time, *scores, note]) + " |")
+    away = [r for r in resolutions if r != size]
+    lines += ["", "Native minus resized Dice (per seed, then mean ± std over seeds): above 0, the model does better "
+                  "on the image as it is than on the image resized to its training size.", "",
+              "| model | recipe | " + " | ".join(f"{r} px ({factor(r, size)})" for r in away) + " |",
+              "|---|---|" + "---:|" * len(away)]
+    for e in entries:
+        lines.append(f"| {display(e['model'])} | {labels[e['recipe']]} | "
+                     + " | ".join(signed(*e["gain", r][:2]) for r in away) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def signed(m, s):
+    return "-" if m is None else f"{m:+.3f}" + (f" ± {s:.3f}" if s is not None else "")
+
+
+def csv_rows(entries, resolutions, size):
+    rows = []
+    for e in entries:
+        for how in INPUTS:
+            for r in resolutions:
+                (m, s, n), (gm, gs, _) = e[how, r], e["gain", r]
+                rows.append({"model": e["model"], "recipe": e["recipe"], "input": how, "resolution": r,
+                             "factor": r / size, "dice_mean": m, "dice_std": s, "seeds": n,
+                             "native_minus_resized_mean": gm if how == "native" else None,
+                             "native_minus_resized_std": gs if how == "native" else None,
+                             "status": e["status"] or "ok"})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# the plot (Pillow only)
+# ---------------------------------------------------------------------------------------
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)  # scalable, where Pillow has FreeType
+    except (TypeError, AttributeError, OSError):
+        return ImageFont.load_default()
+
+
+def lighter(color, amount=0.55):
+    return tuple(round(c + (255 - c) * amount) for c in color)
+
+
+def dashed(draw, points, color, width, dash=9, gap=6):
+    """A polyline drawn as dashes (Pillow has no dash style); the pattern runs on across vertices."""
+    period, walked = dash + gap, 0.0  # walked: length of the polyline before this segment
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        length = math.hypot(xb - xa, yb - ya)
+        t = -(walked % period)  # where the current dash started, from this segment's start
+        while t < length:
+            a, b = max(t, 0.0), min(t + dash, length)
+            if b > a:
+                draw.line([(xa + (xb - xa) * a / length, ya + (yb - ya) * a / length),
+                           (xa + (xb - xa) * b / length, ya + (yb - ya) * b / length)], fill=color, width=width)
+            t += period
+        walked += length
+
+
+def y_range(entries, resolutions):
+    values = [e[how, r][0] + sign * (e[how, r][1] or 0) for e in entries for how in INPUTS for r in resolutions
+              for sign in (-1, 1) if e[how, r][0] is not None]
+    if not values:
+        return 0.0, 1.0
+    lo, hi = max(0.0, math.floor(min(values) * 10) / 10), min(1.0, math.ceil(max(values) * 10) / 10)
+    return (lo, hi) if hi - lo >= 0.1 else (max(0.0, hi - 0.1), max(hi, 0.1))
+
+
+def plot(entries, resolutions, size, labels, path):
+    """Dice against test resolution: one panel per recipe, one colour per model; native
+    solid with ± std bars, the resize baseline dashed in a lighter shade."""
+    models = list(dict.fromkeys(e["model"] for e in entries))
+    recipes = [r for r in RECIPES if any(e["recipe"] == r for e in entries)]
+    color = {m: COLORS[i % len(COLORS)] for i, m in enumerate(models)}
+    W, H, left, right, top, bottom, gap = 520, 420, 64, 20, 54, 66, 30
+    legend_rows = (len(models) + 2 + 3) // 4
+    img = Image.new("RGB", (len(recipes) * (W + gap) - gap + 20, H + 30 + 22 * legend_rows), "white")
+    d = ImageDraw.Draw(img)
+    small, big = font(13), font(16)
+    d.text((10, 8), f"Dice against test resolution (mean over seeds; dashed: resized to {size} px, the baseline)",
+           fill="black", font=big)
+    lo, hi = y_range(entries, resolutions)
+    step = 0.1 if hi - lo <= 0.6 else 0.2
+    xs = [math.log2(r) for r in resolutions]
+    for p, recipe in enumerate(recipes):
+        x0, y0 = 10 + p * (W + gap) + left, 10 + top  # plot area: x0..x1, y0..y1
+        x1, y1 = x0 + W - left - right, y0 + H - top - bottom
+        X = lambda r: x0 + 12 + (math.log2(r) - xs[0]) / max(xs[-1] - xs[0], 1e-9) * (x1 - x0 - 24)
+        Y = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)
+        d.text(((x0 + x1) / 2, y0 - 10), f"trained at {labels[recipe]}", fill="black", font=big, anchor="ms")
+        for k in range(round((hi - lo) / step) + 1):  # horizontal grid and y tick labels
+            v = lo + k * step
+            d.line([(x0, Y(v)), (x1, Y(v))], fill=(225, 225, 225))
+            d.text((x0 - 6, Y(v)), f"{v:.1f}", fill="black", font=small, anchor="rm")
+        for r in resolutions:  # x ticks: pixels and factor of the training size
+            d.line([(X(r), y1), (X(r), y1 + 5)], fill="black")
+            d.text((X(r), y1 + 8), f"{r}", fill="black", font=small, anchor="mt")
+            d.text((X(r), y1 + 24), factor(r, size), fill=(90, 90, 90), font=small, anchor="mt")
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text(((x0 + x1) / 2, y1 + 44), "test resolution (px)", fill="black", font=small, anchor="mt")
+        d.text((x0 - 52, (y0 + y1) / 2), "Dice", fill="black", font=small, anchor="lm")
+        for e in (e for e in entries if e["recipe"] == recipe):
+            base = [(X(r), Y(e["resized", r][0])) for r in resolutions if e["resized", r][0] is not None]
+            native = [(X(r), Y(e["native", r][0]), e["native", r][1]) for r in resolutions
+                      if e["native", r][0] is not None]
+            if len(base) > 1:
+                dashed(d, base, lighter(color[e["model"]]), 2)
+            if len(native) > 1:
+                d.line([(x, y) for x, y, _ in native], fill=color[e["model"]], width=3, joint="curve")
+            for x, y, s in native:
+                if s:  # ± std over seeds
+                    d.line([(x, y - s / (hi - lo) * (y1 - y0)), (x, y + s / (hi - lo) * (y1 - y0))],
+                           fill=color[e["model"]], width=1)
+                d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color[e["model"]])
+    # legend: colours for the models, line styles for the inputs
+    items = [(display(m), color[m], False) for m in models] + [("native input", (60, 60, 60), False),
+                                                     (f"resized to {size} px", lighter((60, 60, 60)), True)]
+    ly = H + 30
+    for k, (label, c, dash) in enumerate(items):
+        lx, y = 20 + (k % 4) * 250, ly + 22 * (k // 4)
+        if dash:
+            dashed(d, [(lx, y), (lx + 34, y)], c, 2)
+        else:
+            d.line([(lx, y), (lx + 34, y)], fill=c, width=3)
+        d.text((lx + 42, y), label, fill="black", font=small, anchor="lm")
+    img.save(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Write the resolution robustness study's results.md, .csv and plot")
+    p.add_argument("--out", required=True, help="study folder (holds variants.tsv and runs/)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--preset", default="", help="preset name, for the title")
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.replace(" ", ",").split(",") if s]
+    with open(os.path.join(a.out, "variants.tsv")) as f:
+        names = [r["variant"] for r in csv.DictReader(f, delimiter="\t")]
+    loaded = {n: [load_run(os.path.join(a.out, "runs", f"{n}_s{s}")) for s in seeds] for n in names}
+    ok = [r for runs in loaded.values() for r in runs if r["status"] == "ok"]
+    if not ok:  # nothing to tabulate; say why, per run (ablate.sh lists the failures)
+        status = [f"- {n}_s{s}: {r['status']}" for n in names for s, r in zip(seeds, loaded[n])]
+        md = f"## Resolution robustness study\n\nNo run finished:\n\n" + "\n".join(status) + "\n"
+        with open(os.path.join(a.out, "results.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return
+    size = ok[0]["args"]["image_size"]
+    resolutions = sorted({res for r in ok for _, res in r["dice"]})
+    entries = [summarize(n, loaded[n], resolutions) for n in names]
+    labels = recipe_labels(ok, size)
+    md = markdown(entries, resolutions, size, labels, seeds, a.preset, loaded)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md)
+    rows = csv_rows(entries, resolutions, size)
+    with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(entries, resolutions, size, labels, os.path.join(a.out, "dice_vs_resolution.png"))
+    print(md)
+    print(f"wrote {a.out}/results.md, results.csv and dice_vs_resolution.png")
+
+
+if __name__ == "__main__":
+    main()
