@@ -26,7 +26,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 
 from rose import RoSE, grid_centers, positions, rotate, sincos_embedding
-from sga import CONV, MLP, SGA
+from sga import CONV, MLP, SGA, resize_kernel
 
 def default_strides(depth):
     """Group by 4, then by 2 twice, then keep the grid (stride 1), so that any depth
@@ -82,7 +82,7 @@ class RAT(nn.Module):
         super().__init__()
         strides = strides or default_strides(depth)
         self.dim, self.patch, self.pe, self.spatial_dims = dim, patch, pe, spatial_dims
-        self.ref_size = ref_size  # see block_strides
+        self.ref_size = ref_size  # see zoom()
         # Overlapping patches, centered on their cell: kernel P + 2 * (P // 2), so
         # that token j sits at (j + 0.5) * P pixels, as the coordinates say.
         self.stem = CONV[spatial_dims](in_chans, dim, patch + 2 * (patch // 2), stride=patch, padding=patch // 2)
@@ -104,7 +104,7 @@ class RAT(nn.Module):
         stage = []
         for x, sp in zip(levels, spacings):
             x = (x - 0.5) / 0.25                                        # inputs come in [0, 1]
-            t = self.stem(pad_to_multiple(x, self.patch))               # [B, dim, *grid]
+            t = self.stem_tokens(x, self.zoom(spacings[0]))            # [B, dim, *grid]
             grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
             t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
             if self.pe == "absolute":
@@ -123,15 +123,34 @@ class RAT(nn.Module):
         return stages[:-1] + [last]
 
 
+    # With ref_size (the training image size), the network works in physical units: for an
+    # input f times finer than in training, the stem kernel covers f times more pixels (the
+    # same part of the scene; still one token per `patch` pixels) and the first grouping
+    # stride is f times larger, so that every later block sees the token grid and spacing
+    # of training while SGA and the decoder use every native pixel (DESIGN.md section 8).
+    # Kernels are resampled by area (sga.resize_kernel): exact for integer f. At the
+    # training size nothing changes.
+
+    def zoom(self, spacing):
+        """Input pixels per training pixel, f, from the finest level's spacing (every level
+        of a pyramid is zoomed alike)."""
+        return 1 / (spacing[0] * self.ref_size) if self.ref_size else 1
+
+    def stem_tokens(self, x, f):
+        """[B, C, *size] -> [B, dim, *size / patch], the kernel zoomed f times."""
+        x = pad_to_multiple(x, self.patch)
+        K0, P = self.stem.kernel_size[0], self.patch
+        K = max(1, round(K0 * f))
+        if K == K0:
+            return self.stem(x)
+        lo = (K - P) // 2                   # centred on its cell, as the trained kernel
+        x = F.pad(x, [lo, K - P - lo] * (x.dim() - 2))
+        conv = (None, F.conv1d, F.conv2d, F.conv3d)[x.dim() - 2]
+        return conv(x, resize_kernel(self.stem.weight, K), self.stem.bias, stride=P)
+
     def block_strides(self, spacings):
-        """SGA strides for an input of these pixel spacings. With ref_size (the training
-        size), the first grouping stride scales with the input's resolution, so that the
-        tokens of every later block sit at the physical spacing they had in training,
-        however fine the input: SGA summarizes the extra pixels (DESIGN.md section 8)."""
         strides = [sga.stride for sga in self.sgas]
-        if self.ref_size:
-            pixels_per_train_pixel = 1 / (spacings[0][0] * self.ref_size)
-            strides[0] = max(1, round(strides[0] * pixels_per_train_pixel))
+        strides[0] = max(1, round(strides[0] * self.zoom(spacings[0])))
         return strides
 
 
@@ -279,9 +298,10 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def build_seg_model(model="rat", num_classes=1, **rat):
-    """RATSeg, or a U-Net whose width makes its parameter count closest to the RAT's."""
-    net = RATSeg(num_classes, **rat)
+def build_seg_model(model="rat", num_classes=1, ref_size=None, **rat):
+    """RATSeg, or a U-Net whose width makes its parameter count closest to the RAT's.
+    ref_size: the training size, for RAT's physical token grid (RAT.zoom)."""
+    net = RATSeg(num_classes, ref_size=ref_size, **rat)
     if model == "rat":
         return net
     target, D = num_params(net), rat.get("spatial_dims", 2)

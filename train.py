@@ -62,6 +62,10 @@ def get_args_parser():
     p.add_argument("--patch", type=int, default=None, help="stem stride (default 2 for seg, 4 for det)")
     p.add_argument("--strides", default=None,
                    help="SGA stride per block, e.g. 4,2,2,1 (default 4,2,2,1,1.. for seg, 2,2,1,1.. for det)")
+    p.add_argument("--token-grid", default="physical", choices=["physical", "pixel"],
+                   help="seg RAT: physical (default) zooms the stem kernel and the first grouping stride with the "
+                        "input's resolution relative to --image-size, so deep tokens keep their physical spacing at "
+                        "any test resolution; pixel keeps them fixed in pixels")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
@@ -151,7 +155,9 @@ def build_model(args):
     rat = dict(dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch, strides=args.strides,
                pe=args.pe, sga=args.sga, dropout=args.dropout)
     if args.task == "seg":
-        return build_seg_model(args.model, num_classes=1, **rat)
+        # checkpoints from before --token-grid behave as they were trained: pixel
+        ref_size = args.image_size if getattr(args, "token_grid", "pixel") == "physical" else None
+        return build_seg_model(args.model, num_classes=1, ref_size=ref_size, **rat)
     return build_detector(args.model, num_classes=args.num_classes, image_size=args.image_size,
                           scales=args.scales, **rat)
 

@@ -50,3 +50,15 @@ def test_at_the_training_size_nothing_changes():
     levels = [torch.rand(2, 3, 64, 64), torch.rand(2, 3, 32, 32)]
     with torch.no_grad():
         assert torch.equal(rat(None)(levels), rat(64)(levels))
+
+
+def test_train_builds_the_physical_grid_by_default_and_old_checkpoints_keep_pixels():
+    import train
+    def built(*flags, drop=None):
+        args = train.fill_defaults(train.get_args_parser().parse_args(["--dim", "16", "--heads", "2", *flags]))
+        args.num_classes = 1
+        if drop:
+            delattr(args, drop)   # a checkpoint written before the flag existed
+        return train.build_model(args).backbone.ref_size
+    assert built() == 64 and built("--image-size", "96") == 96
+    assert built("--token-grid", "pixel") is None and built(drop="token_grid") is None
