@@ -63,6 +63,9 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
     p.add_argument("--split", default="test", choices=["val", "test"],
                    help="test by default: ckpt_best.pt was selected on val")
+    p.add_argument("--token-grid", default=None, choices=["physical", "pixel"],
+                   help="seg RAT: override the checkpoint's token grid (train.py --token-grid), e.g. to see what "
+                        "the physical grid buys on the same weights")
     p.add_argument("--resize-to-train", action="store_true",
                    help="add the baseline row at each resolution: the image resized to the training size, the "
                         "prediction resized back")
@@ -365,7 +368,8 @@ def markdown(rows, meta):
     spacing = "training spacing at every resolution (--ignore-spacing)" if meta["ignore_spacing"] else "spacing 1/size"
     header = (f"Resolution sweep of `{meta['checkpoint']}`: {meta['model']} {meta['task']}, {meta['data']} "
               f"{meta['split']} split ({rows[0]['images']} images), trained at {meta['train_image_size']} px, "
-              f"scales {meta['scales']}, {spacing}, {meta['device']}; memory: {meta['memory']}; "
+              f"scales {meta['scales']}, {meta['token_grid']} token grid, {spacing}, {meta['device']}; "
+              f"memory: {meta['memory']}; "
               f"scored {meta.get('scored', '')}")
     cols = list(rows[0])
     fmt = lambda k, v: str(v) if isinstance(v, (int, str)) else f"{v:.1f}" if k in ("ms_per_image", "peak_mem_mb") else f"{v:.4f}"
@@ -397,6 +401,8 @@ def main(args):
     if args.batch_size < 1 or args.samples < 0 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch-size and --limit must be positive, --samples non-negative")
     train_args, state = load_run(args.ckpt, args.task)
+    if args.token_grid:
+        train_args["token_grid"] = args.token_grid
     task = train_args["task"]
     if args.ignore_spacing and task != "seg":
         raise ValueError("--ignore-spacing: only for --task seg (the detector builds its own pyramid)")
@@ -408,6 +414,7 @@ def main(args):
                                    "eval_ignore_spacing" if args.ignore_spacing else "eval")
     os.makedirs(out, exist_ok=True)
     meta = dict(checkpoint=args.ckpt, task=task, model=train_args["model"], data=train_args.get("data", "synthetic"),
+                token_grid=train_args.get("token_grid", "pixel"),
                 split=args.split, ignore_spacing=args.ignore_spacing, train_image_size=train_args["image_size"],
                 scales=",".join(f"{s:g}" for s in train_args["scales"]), device=str(device),
                 memory="peak allocated (CUDA)" if device.type == "cuda" else "growth of the process peak RSS (CPU)")

@@ -62,3 +62,29 @@ def test_train_builds_the_physical_grid_by_default_and_old_checkpoints_keep_pixe
         return train.build_model(args).backbone.ref_size
     assert built() == 64 and built("--image-size", "96") == 96
     assert built("--token-grid", "pixel") is None and built(drop="token_grid") is None
+
+
+def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
+    # One tiny checkpoint, evaluated with its physical grid and with the pixel grid forced:
+    # identical at the training size, different at 4x (where the grids differ).
+    import json, subprocess, sys, os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "train.py", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads",
+                          "2", "--epochs", "1", "--train-size", "16", "--val-size", "4", "--batch-size", "8",
+                          "--workers", "0", "--out", str(tmp_path / "run")], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {}
+    for grid in ("physical", "pixel"):
+        out = tmp_path / grid
+        ev = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "run" / "ckpt_best.pt"),
+                             "--resolutions", "32,128", "--limit", "4", "--samples", "0", "--workers", "0",
+                             "--token-grid", grid, "--out", str(out)], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        result = json.loads((out / "results.json").read_text())
+        assert result["token_grid"] == grid
+        rows[grid] = {r["resolution"]: r for r in result["rows"]}
+    assert rows["physical"][32]["dice"] == rows["pixel"][32]["dice"]
+    assert rows["physical"][128]["specificity"] != rows["pixel"][128]["specificity"]
