@@ -292,10 +292,16 @@ def setup_distributed(backend=None):
         device = torch.device("cpu")
         # torchrun gives each process 1 thread; share the cores out instead, never more threads than cores.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-    # torchrun shares one store across --max-restarts attempts; without a prefix per
-    # attempt, a restarted group can read the dead group's addresses (pytorch#135712).
     store, _, _ = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's own store outlives a --max-restarts restart; without a prefix per attempt, a
+        # restarted group reads the dead group's addresses (pytorch#135712). The restart count is
+        # kept per node (a node whose worker did not fail restarts it without counting,
+        # pytorch#108158), so several nodes must not share that store across restarts.
+        if world > local_world and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            raise ValueError("several nodes with --max-restarts: run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                             "on every node, or a restarted job hangs (restart counts differ between nodes)")
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return rank, world, local, device
 

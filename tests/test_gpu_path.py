@@ -219,3 +219,16 @@ def test_unwritable_cache_is_a_clear_error(tmp_path):
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: /proc/rat-cache") and "--cache-dir" in last, last
+
+
+def test_several_nodes_sharing_torchruns_store_across_restarts_is_refused(monkeypatch):
+    # Restart counts are kept per node: a restarted multi-node group that shared torchrun's
+    # store would wait for itself forever. Refuse at once, saying what to set.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "rendezvous", lambda url: iter([(object(), 0, 2)]))
+    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", TORCHELASTIC_USE_AGENT_STORE="True",
+               TORCHELASTIC_MAX_RESTARTS="1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        train.setup_distributed()
