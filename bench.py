@@ -1,9 +1,12 @@
-"""Benchmarks: scaling, baselines, utilization, data, distributed, compile, and the SGA speed-up.
+"""Benchmarks: scaling, baselines, utilization, data, distributed, compile, the SGA speed-up, peers, GPU.
 
-    python bench.py                          # everything (~10 min on 2 CPU cores), markdown to stdout
+    python bench.py                          # everything (~20 min on 2 CPU cores), markdown to stdout
     python bench.py --write                  # ... and to BENCHMARKS.md
     python bench.py --quick                  # tiny sizes: a smoke test
-    python bench.py --only scaling,baseline  # some sections
+    python bench.py --only scaling,baseline  # some sections (with --write: only those sections of the file change)
+
+The sections `peers` (the published RAT, timm's Swin and ViT: `pip install -r
+requirements-bench.txt`) and `gpu` (skipped without CUDA) live in bench_peers.py.
 
 Things compared are timed interleaved in one process (min over repeats), so that
 a shared machine slows them alike; ratios are the numbers to read. Peak memory:
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -28,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile", "optim")
+SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile", "optim", "peers", "gpu")
+PEER_SECTIONS = ("peers", "gpu")                      # in bench_peers.py, imported only when run
 RAT = dict(dim=128, depth=4, heads=8)                 # the model under test: default patch and strides
 SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLOP_OPS = ("mm", "addmm", "bmm", "convolution", "convolution_backward", "_scaled_dot_product")
@@ -113,8 +118,18 @@ def worker(spec, threads):
     kind = spec.pop("kind")
     if kind == "dist":
         return dist_worker(**spec)
-    out = {"scale": scale_worker, "dense": dense_worker, "step": step_worker, "compile": compile_worker}[kind](**spec)
-    print("RESULT " + json.dumps(out), flush=True)
+    workers = {"scale": scale_worker, "dense": dense_worker, "step": step_worker, "compile": compile_worker}
+    if kind not in workers:
+        from bench_peers import WORKERS as workers
+    print("RESULT " + json.dumps(workers[kind](**spec)), flush=True)
+
+
+def section(name):
+    """sec_<name>: here, or in bench_peers.py for the peers and gpu sections."""
+    if name in PEER_SECTIONS:
+        import bench_peers
+        return getattr(bench_peers, f"sec_{name}")
+    return globals()[f"sec_{name}"]
 
 
 def run_worker(spec, args, timeout=900, env=None, nproc=0):
@@ -123,7 +138,11 @@ def run_worker(spec, args, timeout=900, env=None, nproc=0):
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        # a worker that prints its results as it goes (gpu) keeps what it finished
+        done = [l for l in (e.stdout or b"").decode(errors="replace").splitlines() if l.startswith("RESULT ")]
+        if done:
+            return {**json.loads(done[-1][7:]), "partial": f"timed out after {timeout} s"}
         return {"error": f"timed out after {timeout} s"}
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     if p.returncode or not lines:
@@ -597,7 +616,10 @@ def main():
     p.add_argument("--before-rev", default="1bee64e", help="git revision of sga.py/rose.py for the before/after")
     p.add_argument("--compile-depth", type=int, default=1, help="RAT depth for the torch.compile measurement")
     p.add_argument("--compile-timeout", type=int, default=400, help="seconds allowed to compile and time it")
-    p.add_argument("--write", action="store_true", help="also write BENCHMARKS.md (atomically)")
+    p.add_argument("--gpu-budget", type=int, default=270, help="seconds for the whole gpu section (compiles included)")
+    p.add_argument("--gpu-dry-run", action="store_true", help="gpu section: run its code on the CPU at 32-64 px")
+    p.add_argument("--write", action="store_true", help="also write BENCHMARKS.md (atomically; with --only, "
+                   "only those sections of it)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -607,25 +629,46 @@ def main():
     only = [s for s in (a.only or ",".join(s for s in SECTIONS if not (a.quick and s == "compile"))).split(",") if s]
     if set(only) - set(SECTIONS):
         p.error(f"unknown sections {sorted(set(only) - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
-    t0, parts, metrics = time.time(), [], {}
+    t0, parts, metrics, took = time.time(), {}, {}, {}
     for name in SECTIONS:
         if name in only:
-            md, metrics[name] = globals()[f"sec_{name}"](a)
-            parts.append(f"## {name}\n\n{md}\n")
-    cmd = "python bench.py " + " ".join(sys.argv[1:])
+            took[name] = time.time()
+            md, metrics[name] = section(name)(a)
+            parts[name], took[name] = md, time.time() - took[name]
+    cmd = ("python bench.py " + " ".join(sys.argv[1:])).strip()
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-    head = (f"# Benchmarks\n\nCommand: `{cmd.strip()}` ({time.time() - t0:.0f} s, {time.strftime('%Y-%m-%d')})  \n"
-            f"Machine: {cpu}, {os.cpu_count()} cores, {a.threads} intra-op thread(s), torch {torch.__version__}, "
-            f"device {device()}.\n\n## targets\n\n{verdicts(metrics)}\n")
-    out = "\n".join([head] + parts)
+    machine = (f"{cpu}, {os.cpu_count()} cores, {a.threads} intra-op thread(s), torch {torch.__version__}, "
+               f"device {device()}")
+    # the load says how much other work shared the machine (timings on a shared machine are noisy)
+    stamp = lambda s: (f"Command: `{cmd}` ({s:.0f} s, {time.strftime('%Y-%m-%d')}, load average "
+                       f"{os.getloadavg()[2]:.1f} over the last 15 min)  \nMachine: {machine}.\n\n")
+    head = f"# Benchmarks\n\n{stamp(time.time() - t0)}## targets\n\n{verdicts(metrics)}\n"
+    out = "\n".join([head] + [f"## {k}\n\n{v}\n" for k, v in parts.items()])
     print(out)
     if a.write:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md")
+        if set(only) != set(SECTIONS) and os.path.exists(path):
+            # some sections: replace those (each with its command) and keep the rest of the file
+            new = {k: stamp(took[k]) + v for k, v in parts.items()}
+            if {"scaling", "baseline", "util"} & set(only):
+                new["targets"] = verdicts(metrics)
+            out = merge_sections(open(path).read(), new)
         with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
             f.write(out)
         os.replace(f.name, path)
+
+
+def merge_sections(old, new):
+    """Markdown `old` with the body of each `## name` section in `new` replaced, or appended at the end."""
+    chunks = re.split(r"(?m)^(?=## )", old)
+    out = []
+    for c in chunks:
+        name = c[3:].split("\n", 1)[0].strip() if c.startswith("## ") else None
+        out.append(f"## {name}\n\n{new.pop(name)}" if name in new else c)
+    out += [f"## {k}\n\n{v}" for k, v in new.items()]
+    return "\n\n".join(c.strip("\n") for c in out) + "\n"
 
 
 if __name__ == "__main__":

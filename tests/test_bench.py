@@ -30,3 +30,95 @@ def test_cli_quick_writes_markdown(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "# Benchmarks" in out.stdout and "## util" in out.stdout and "## optim" in out.stdout
     assert "GFLOP/s" in out.stdout
+
+
+# ------------------------------------------------------------------------ peers and gpu (bench_peers.py)
+import argparse  # noqa: E402
+
+import bench_peers  # noqa: E402
+
+
+def in_process(spec, a, timeout=900, env=None, nproc=0):
+    """bench.run_worker without the fresh process (and without the peers' memory cap, which would stay on
+    the test process), for tests."""
+    spec = dict(spec, **({"cap_gib": 0} if spec["kind"] == "peer" else {}))
+    return bench_peers.WORKERS[spec.pop("kind")](**spec)
+
+
+def test_write_with_only_replaces_just_those_sections():
+    old = "# Benchmarks\n\nCommand: x\n\n## targets\n\nT\n\n## scaling\n\nS\n\n## optim\n\nO\n"
+    new = bench.merge_sections(old, {"scaling": "S2", "gpu": "G"})
+    assert new == "# Benchmarks\n\nCommand: x\n\n## targets\n\nT\n\n## scaling\n\nS2\n\n## optim\n\nO\n\n## gpu\n\nG\n"
+
+
+def test_run_worker_keeps_what_a_timed_out_worker_printed(monkeypatch):
+    def timeout(*args, **kw):
+        raise subprocess.TimeoutExpired("cmd", 1, output=b'log\nRESULT {"32": {"s": 1.0}}\n')
+    monkeypatch.setattr(bench.subprocess, "run", timeout)
+    r = bench.run_worker({"kind": "gpu"}, argparse.Namespace(threads=1), timeout=1)
+    assert r == {"32": {"s": 1.0}, "partial": "timed out after 1 s"}
+
+
+def test_peers_without_the_extras_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(bench_peers, "extras_missing", lambda: ["timm"])
+    md, _ = bench_peers.sec_peers(argparse.Namespace(quick=True, reps=1))
+    assert md.startswith("Skipped") and "requirements-bench.txt" in md
+
+
+def test_behind_names_where_rat_is_slower_or_steeper():
+    res = {(m, n): {"s": s * n, "mem": 1.0 * n} for m, s in (("rat", 2.0), ("swin", 1.0), ("vit", 3.0))
+           for n in (256, 512)}
+    fits = {"rat": {"s": 1.2, "mem": 1.0}, "swin": {"s": 1.0, "mem": 1.0}, "vit": {"s": 1.5, "mem": 1.0}}
+    text = bench_peers.behind(res, [256, 512], fits)
+    assert "Against swin: RAT is behind in time at 256, 512 px (RAT / swin 2.00, 2.00); time exponent (1.20" in text
+    assert "Against vit: RAT is not behind" in text
+
+
+def test_gpu_section_without_cuda_says_none_was_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    md, _ = bench_peers.sec_gpu(argparse.Namespace(gpu_dry_run=False, gpu_budget=270))
+    assert md.startswith("No CUDA device was available")
+
+
+def test_gpu_dry_run_measures_eager_compiled_and_largest(monkeypatch):
+    """The gpu section's code path on the CPU: a tiny RAT and U-Net, one size, compile backend "eager"."""
+    from model import RATSeg, UNet
+    torch.set_num_threads(1)
+    # build_seg_model's width search for the U-Net takes a second or more per call; the logic here does not need it
+    monkeypatch.setattr(bench, "seg", lambda kind: RATSeg(dim=32, depth=1, heads=4) if kind == "rat" else UNet(width=8))
+    monkeypatch.setattr(bench, "run_worker", in_process)
+    monkeypatch.setattr(bench_peers, "gpu_plan", lambda a: ((32,), (32, 48), "eager", 1))
+    md, m = bench_peers.sec_gpu(argparse.Namespace(gpu_dry_run=True, gpu_budget=120, reps=1))
+    assert "DRY RUN on the CPU" in md
+    for model in ("rat", "unet"):
+        assert set(m["gpu"][(model, "eager")]["32"]) == {"s", "mem", "first"}
+        assert m["gpu"][(model, "compiled")]["32"]["s"] > 0
+        assert set(m["gpu"][(model, "largest")]) == {"32", "48"}
+    assert "- RAT: **48 px**" in md and "images/s" in md
+
+
+def test_reference_sizes_are_computed_from_its_code():
+    pytest.importorskip("resolution_aware_transformer")
+    pytest.importorskip("timm")
+    shape, gib = bench_peers.ref_assignment(256)
+    assert shape == (1, 8, 7396, 65536) and gib == pytest.approx(14.44, abs=0.01)   # "two 15 GB tensors"
+    assert "6 x [1, 8, 7396, 65536]" in bench_peers.why_not(256, train=True)
+
+
+def test_peers_run_side_by_side_and_the_reference_training_failure_is_reported(monkeypatch):
+    pytest.importorskip("resolution_aware_transformer")
+    pytest.importorskip("timm")
+    from model import num_params
+    torch.set_num_threads(1)
+    monkeypatch.setattr(bench, "run_worker", in_process)
+    a = argparse.Namespace(reps=1)
+    target = num_params(bench_peers.build("rat", 64))
+    for name in ("swin", "vit"):
+        assert abs(num_params(bench_peers.build(name, 64)) / target - 1) < 0.25
+    r = bench_peers.run_peers(a, ["rat", "swin", "vit"], 64, 1, train=True)
+    assert all(r[m]["s"] > 0 and r[m]["mem"] >= 0 and r[m]["params"] > 0 for m in r)
+    r = bench_peers.run_peers(a, ["reference", "rat-p1"], 32, 1, train=False)
+    assert r["reference"]["s"] > 0 and r["rat-p1"]["s"] > 0
+    # with one image, a single-token stage (32 px: grids 11, 4, 2, 1) breaks its autograd; RAT still trains
+    r = bench_peers.run_peers(a, ["reference", "rat-p1"], 32, 1, train=True)
+    assert "inplace" in r["reference"]["error"] and r["rat-p1"]["s"] > 0
