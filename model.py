@@ -141,12 +141,19 @@ class RAT(nn.Module):
         x = pad_to_multiple(x, self.patch)
         K0, P = self.stem.kernel_size[0], self.patch
         K = max(1, round(K0 * f))
+        f = round(f) if abs(f - round(f)) < 1e-6 else f
         if K == K0:
             return self.stem(x)
+        D = x.dim() - 2
         lo = (K - P) // 2                   # centred on its cell, as the trained kernel
-        x = F.pad(x, [lo, K - P - lo] * (x.dim() - 2))
-        conv = (None, F.conv1d, F.conv2d, F.conv3d)[x.dim() - 2]
-        return conv(x, resize_kernel(self.stem.weight, K), self.stem.bias, stride=P)
+        x = F.pad(x, [lo, K - P - lo] * D)
+        conv = (None, F.conv1d, F.conv2d, F.conv3d)[D]
+        if K != K0 * f or f < 2:            # a fractional zoom: the resampled kernel itself
+            return conv(x, resize_kernel(self.stem.weight, K), self.stem.bias, stride=P)
+        # integer zoom: the same numbers, as a box filter of f pixels and then the trained kernel
+        # dilated by f: cost linear in pixels (the zoomed kernel would cost f^D more per token)
+        box = (None, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[D]
+        return conv(box(x, f, stride=1), self.stem.weight, self.stem.bias, stride=P, dilation=f)
 
     def block_strides(self, spacings):
         strides = [sga.stride for sga in self.sgas]

@@ -88,3 +88,17 @@ def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
         rows[grid] = {r["resolution"]: r for r in result["rows"]}
     assert rows["physical"][32]["dice"] == rows["pixel"][32]["dice"]
     assert rows["physical"][128]["specificity"] != rows["pixel"][128]["specificity"]
+
+
+@pytest.mark.parametrize("f", [2, 4])
+def test_zoomed_stem_is_the_resampled_kernel_at_linear_cost(f):
+    # box filter + dilated trained kernel (what runs) == the area-resampled kernel (what it means)
+    from model import pad_to_multiple
+    torch.manual_seed(0)
+    rat = build_seg_model("rat", dim=16, depth=4, heads=2, patch=2, ref_size=32).backbone
+    x = torch.randn(2, 3, 32 * f + 3, 32 * f)   # a size the patch does not divide, too
+    K = rat.stem.kernel_size[0] * f
+    lo = (K - 2) // 2
+    padded = F.pad(pad_to_multiple(x, 2), [lo, K - 2 - lo] * 2)
+    expected = F.conv2d(padded, resize_kernel(rat.stem.weight, K), rat.stem.bias, stride=2)
+    assert torch.allclose(rat.stem_tokens(x, f), expected, atol=1e-5)
