@@ -133,7 +133,7 @@ def test_isic_scores_equal_the_official_scorer(tmp_path, monkeypatch):
     # results.csv and results.md carry the same numbers under the README's names
     csv_text = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert csv_text[0].startswith("resolution,input," + ",".join(SEG_METRICS))
-    assert float(csv_text[1].split(",")[1]) == results["rows"][0]["dice"]
+    assert float(csv_text[1].split(",")[2]) == results["rows"][0]["dice"]
     assert f"{results['rows'][1]['thresholded_jaccard']:.4f}" in (tmp_path / "out" / "results.md").read_text()
 
 
