@@ -90,15 +90,22 @@ def comparison(row, ref, metric, factor, label):
             f"{verdict} the combined std {spread:.3f}")
 
 
-def main():
-    p = argparse.ArgumentParser(description="Write the component study's results.md and results.csv")
+def read_study(description):
+    """The command line of a study's table script -> (args, seeds, rows of variants.tsv);
+    shared with robust_table.py."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", required=True, help="study folder (holds variants.tsv and runs/)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--preset", default="", help="preset name, for the title")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.replace(" ", ",").split(",") if s]
     with open(os.path.join(a.out, "variants.tsv")) as f:
-        variants = [(r["variant"], r["flags"]) for r in csv.DictReader(f, delimiter="\t")]
+        return a, seeds, list(csv.DictReader(f, delimiter="\t"))
+
+
+def main():
+    a, seeds, table = read_study("Write the component study's results.md and results.csv")
+    variants = [(r["variant"], r["flags"]) for r in table]
     loaded = {n: [load_run(os.path.join(a.out, "runs", f"{n}_s{s}")) for s in seeds] for n, _ in variants}
     rows = [summarize(n, fl, loaded[n]) for n, fl in variants]
     if "default" in loaded:

@@ -40,7 +40,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, seg_collate
+from data import (COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, resize,
+                  seg_collate)
 from metrics import SEG_METRICS, coco_ap, coco_results_json, score_logits
 from train import ARCH, autocast, build_model, load_checkpoint
 
@@ -162,8 +163,7 @@ def resized_to_train(model, train_args):
         return seg
 
     def det(images):
-        small = [F.interpolate(im[None], size=(t, t), mode="bilinear", antialias=True, align_corners=False)[0]
-                 for im in images]
+        small = [resize(im, (t, t)) for im in images]
         out = model(small)
         for o, im in zip(out, images):
             h, w = im.shape[-2:]

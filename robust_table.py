@@ -11,7 +11,6 @@ per model, recipe, input and test resolution; mean and sample std over seeds) an
 OUT/dice_vs_resolution.png.
 """
 
-import argparse
 import csv
 import json
 import math
@@ -19,7 +18,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ablate_table import fmt, read_json, stats
+from ablate_table import fmt, read_json, read_study, stats
 
 INPUTS = ("native", "resized")  # eval.py's input column: "native" or "resized to <train size>"
 RECIPES = ("single", "multi")  # trained at one size; with --train-sizes
@@ -243,19 +242,13 @@ def plot(entries, resolutions, size, labels, path):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Write the resolution robustness study's results.md, .csv and plot")
-    p.add_argument("--out", required=True, help="study folder (holds variants.tsv and runs/)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--preset", default="", help="preset name, for the title")
-    a = p.parse_args()
-    seeds = [int(s) for s in a.seeds.replace(" ", ",").split(",") if s]
-    with open(os.path.join(a.out, "variants.tsv")) as f:
-        names = [r["variant"] for r in csv.DictReader(f, delimiter="\t")]
+    a, seeds, table = read_study("Write the resolution robustness study's results.md, .csv and plot")
+    names = [r["variant"] for r in table]
     loaded = {n: [load_run(os.path.join(a.out, "runs", f"{n}_s{s}")) for s in seeds] for n in names}
     ok = [r for runs in loaded.values() for r in runs if r["status"] == "ok"]
     if not ok:  # nothing to tabulate; say why, per run (ablate.sh lists the failures)
         status = [f"- {n}_s{s}: {r['status']}" for n in names for s, r in zip(seeds, loaded[n])]
-        md = f"## Resolution robustness study\n\nNo run finished:\n\n" + "\n".join(status) + "\n"
+        md = "## Resolution robustness study\n\nNo run finished:\n\n" + "\n".join(status) + "\n"
         with open(os.path.join(a.out, "results.md"), "w") as f:
             f.write(md)
         print(md)

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from test_faults import children
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fresh store for every rendezvous round: with torchrun's default (the agent's store, shared
 # by all rounds) a restarted group can read the dead group's keys, and the per-restart key prefix
@@ -26,18 +28,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            pass
-    return found
 
 
 def one_core(i):
