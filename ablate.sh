@@ -14,6 +14,7 @@
 #   bash ablate.sh                       # preset "cpu": synthetic data, 2 CPU cores, ~50 min
 #   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh      # ISIC 2018 on GPUs
 #   PRESET=robust bash ablate.sh         # the resolution robustness study (below), ~1 h
+#   PRESET=robust_det bash ablate.sh     # the same for detection (below), ~30 min (estimate)
 #
 # The resolution robustness study (PRESET=robust, ablations/robust/): can a model hold its
 # Dice from 0.5x to 4x its training size, and does it beat resizing the image to the
@@ -30,6 +31,21 @@
 # At 1000 images x 8 epochs: RAT 205 s (single) / 286 s (multi), U-Net ~120 / ~165 s, per
 # run with its evaluation, so 3 seeds x 2250 s / 2 cores = ~56 min (90 min allows ~1.5x).
 #
+# The detection robustness study (PRESET=robust_det, ablations/robust_det/): the same
+# question for detection, in AP50 (and AP). Models (train.py --task det --model): rat, cnn
+# (a plain CNN + FPN sized to about RAT's parameter count) and resnet (ResNet-18 + FPN, a
+# reference with many more parameters); recipes single and multi as above (TRAIN_SIZES
+# default 0.5x..2x IMAGE_SIZE: 64,96,128,192,256; train.py takes det sizes down to 8 px);
+# variants rat_single, rat_multi, cnn_single, ..., resnet_multi. Every run is evaluated at
+# 0.75x, 1x, 1.5x and 2x IMAGE_SIZE (96..256 px) with eval.py --resize-to-train;
+# robust_table.py writes results.md, results.csv and ap50_vs_resolution.png. One seed by
+# default (SEEDS=0): a det training takes minutes here.
+# Time on this 2-core CPU: an ESTIMATE, not measured yet. 6 runs, two at a time, one thread
+# each. From the README's det defaults (12 epochs x 2000 images at 128 px: RAT 12 min,
+# ResNet-18 13 min), 6 epochs x 1000 images are ~3 min per run at 128 px, ~5 min with
+# --train-sizes 64..256 (1.6x the pixels per step), plus ~1 min of evaluation each:
+# 3 x (3 + 5 + 2) min = ~30 min (45 min allows ~1.5x). Replace with the measured time.
+#
 # Presets (PRESET=...):
 #   cpu   (default) synthetic data, 64 px, 600 train / 100 val, 6 epochs, batch 16,
 #         dim 64, depth 4, heads 4, patch 2; two trainings at a time, one thread each.
@@ -39,12 +55,16 @@
 #   robust the resolution robustness study (above): synthetic data, 64 px, 1000 train /
 #         100 val, 8 epochs, batch 16, dim 64, depth 4, heads 4, patch 2; 200 test images;
 #         two trainings at a time, one thread each.
+#   robust_det  the detection robustness study (above): --task det, synthetic data, 128 px,
+#         1000 train / 100 val, 6 epochs, batch 16, lr 1e-3, dim 64, depth 4, heads 4,
+#         patch 4 (train.py's det defaults but for size and epochs); 200 test images; seed 0
+#         only; two trainings at a time, one thread each. DIM must be a multiple of 32.
 # Any of these env vars overrides the preset's value:
 #   DATA DATA_DIR IMAGE_SIZE TRAIN_SIZE VAL_SIZE TEST_LIMIT EPOCHS BATCH_SIZE LR DROPOUT
 #   DIM DEPTH HEADS PATCH SEEDS (comma-separated) NPROC (processes per training)
 #   JOBS (trainings at a time) THREADS (OMP_NUM_THREADS per process) WORKERS
 #   OUT (default ablations/<preset>) VARIANTS (comma-separated subset of the names below)
-#   TRAIN_SIZES (robust: the multi recipe's --train-sizes)
+#   TRAIN_SIZES (robust, robust_det: the multi recipe's --train-sizes)
 #
 # Each run lives in OUT/runs/<variant>_s<seed>/ (train.py's run folder, plus eval/ and,
 # for the default, eval_ignore_spacing/). Rerunning skips finished runs; an interrupted
@@ -57,6 +77,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PRESET=${PRESET:-cpu}
+TASK=seg  # train.py --task: det only for robust_det
 case $PRESET in
   cpu)
     DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-64}; TRAIN_SIZE=${TRAIN_SIZE:-600}
@@ -83,7 +104,13 @@ case $PRESET in
     BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
     DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
-  *) echo "ablate.sh: unknown PRESET=$PRESET (cpu, full, tiny or robust)" >&2; exit 2 ;;
+  robust_det)  # one seed by default: a det training takes minutes on this CPU
+    TASK=det; DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-128}; TRAIN_SIZE=${TRAIN_SIZE:-1000}
+    VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-6}
+    BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-4}; NPROC=${NPROC:-1}
+    JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0}; SEEDS=${SEEDS:-0} ;;
+  *) echo "ablate.sh: unknown PRESET=$PRESET (cpu, full, tiny, robust or robust_det)" >&2; exit 2 ;;
 esac
 SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-ablations/$PRESET}
@@ -112,20 +139,27 @@ COMPONENT_VARIANTS=(
 TABLE=(python ablate_table.py)
 RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2))
 EVAL_FLAGS=()
-if [[ $PRESET == robust ]]; then
+if [[ $PRESET == robust || $PRESET == robust_det ]]; then
   # each model twice: <model>_single at IMAGE_SIZE, <model>_multi at sizes from 0.5x to 2x
   TRAIN_SIZES=${TRAIN_SIZES:-$((IMAGE_SIZE / 2)),$((IMAGE_SIZE * 3 / 4)),$IMAGE_SIZE,$((IMAGE_SIZE * 3 / 2)),$((IMAGE_SIZE * 2))}
+  if [[ $TASK == det ]]; then
+    # cnn is sized against the RAT of the default flags (--pe, --sga, --dim...); resnet ignores them
+    MODELS=("rat|--model rat" "cnn|--model cnn" "resnet|--model resnet")
+    RESOLUTIONS=$((IMAGE_SIZE * 3 / 4)),$IMAGE_SIZE,$((IMAGE_SIZE * 3 / 2)),$((IMAGE_SIZE * 2))  # the det sweep
+  else
+    MODELS=("rose|--pe rose" "rope|--pe rope" "absolute|--pe absolute" "none|--pe none" "unet|--model unet")
+    RESOLUTIONS=$RESOLUTIONS,$((IMAGE_SIZE * 4))  # up to 4x: twice beyond the largest training size
+  fi
   ALL_VARIANTS=()
-  for entry in "rose|--pe rose" "rope|--pe rope" "absolute|--pe absolute" "none|--pe none" "unet|--model unet"; do
+  for entry in "${MODELS[@]}"; do
     ALL_VARIANTS+=("${entry%%|*}_single|${entry#*|}" "${entry%%|*}_multi|${entry#*|} --train-sizes $TRAIN_SIZES")
   done
-  RESOLUTIONS=$RESOLUTIONS,$((IMAGE_SIZE * 4))  # up to 4x: twice beyond the largest training size
   EVAL_FLAGS=(--resize-to-train)  # the baseline row: resized to IMAGE_SIZE and back
   TABLE=(python robust_table.py)
 else
   ALL_VARIANTS=("${COMPONENT_VARIANTS[@]}")
 fi
-DEFAULT_FLAGS=(--task seg --data "$DATA" --image-size "$IMAGE_SIZE" --scales 1,0.5 --pe rose --sga local
+DEFAULT_FLAGS=(--task "$TASK" --data "$DATA" --image-size "$IMAGE_SIZE" --scales 1,0.5 --pe rose --sga local
                --depth "$DEPTH" --dim "$DIM" --heads "$HEADS" --patch "$PATCH" --epochs "$EPOCHS"
                --batch-size "$BATCH_SIZE" --lr "$LR" --dropout "$DROPOUT" --workers "$WORKERS")
 [[ -n $DATA_DIR ]] && DEFAULT_FLAGS+=(--data-dir "$DATA_DIR")
@@ -242,7 +276,7 @@ main() {
   else
     for entry in "${ALL_VARIANTS[@]}"; do names+=("${entry%%|*}"); done
   fi
-  [[ $PRESET == robust || ($((DIM / 2 % HEADS)) -eq 0 && $((DIM * 3 / 2 % HEADS)) -eq 0) ]] || {
+  [[ $PRESET == robust* || ($((DIM / 2 % HEADS)) -eq 0 && $((DIM * 3 / 2 % HEADS)) -eq 0) ]] || {
     echo "ablate.sh: the width variants $((DIM / 2)), $((DIM * 3 / 2)) must be divisible by HEADS=$HEADS" >&2; exit 2; }
   IFS=', ' read -ra seeds <<<"$SEEDS"
   mkdir -p "$RUNS"

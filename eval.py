@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data import (COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, resize,
                   seg_collate)
 from metrics import SEG_METRICS, coco_ap, coco_results_json, score_logits
-from train import ARCH, autocast, build_model, load_checkpoint
+from train import ARCH, LEGACY_ARCH, autocast, build_model, load_checkpoint
 
 DET_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SCORE_THRESHOLD = 0.3  # predicted boxes drawn in the samples
@@ -62,8 +62,9 @@ def get_args_parser():
     p.add_argument("--resolutions", required=True, help="comma-separated image sizes, e.g. 128,256,512")
     p.add_argument("--task", default=None, choices=["seg", "det"], help="optional: must match the checkpoint")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
-    p.add_argument("--split", default="test", choices=["val", "test"],
-                   help="test by default: ckpt_best.pt was selected on val")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="test by default: ckpt_best.pt was selected on val; train (no augmentation) "
+                        "against test measures the generalization gap")
     p.add_argument("--token-grid", default=None, choices=["physical", "pixel"],
                    help="seg RAT: override the checkpoint's token grid (train.py --token-grid), e.g. to see what "
                         "the physical grid buys on the same weights")
@@ -123,7 +124,7 @@ def load_run(path, task):
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise ValueError(f"{path}: not a train.py checkpoint (no 'model' and 'args' entries)")
-    train_args = ckpt["args"]
+    train_args = {**LEGACY_ARCH, **ckpt["args"]}
     missing = [k for k in ARCH if k not in train_args]
     if missing:
         raise ValueError(f"{path}: checkpoint args lack {', '.join(missing)}")
@@ -414,7 +415,7 @@ def main(args):
                                    "eval_ignore_spacing" if args.ignore_spacing else "eval")
     os.makedirs(out, exist_ok=True)
     meta = dict(checkpoint=args.ckpt, task=task, model=train_args["model"], data=train_args.get("data", "synthetic"),
-                token_grid=train_args.get("token_grid", "pixel"),
+                token_grid=train_args["token_grid"],
                 split=args.split, ignore_spacing=args.ignore_spacing, train_image_size=train_args["image_size"],
                 scales=",".join(f"{s:g}" for s in train_args["scales"]), device=str(device),
                 memory="peak allocated (CUDA)" if device.type == "cuda" else "growth of the process peak RSS (CPU)")

@@ -173,7 +173,7 @@ class RATSeg(nn.Module):
     (fine_i = sum_j A_ij group_j) plus a skip from that stage, then a light head
     to full resolution. Returns logits [B, num_classes, *size_0]."""
 
-    def __init__(self, num_classes=1, in_chans=3, **rat):
+    def __init__(self, num_classes=1, in_chans=3, head="refine", **rat):
         super().__init__()
         self.backbone = RAT(in_chans=in_chans, **rat)
         dim, D, P = self.backbone.dim, self.backbone.spatial_dims, self.backbone.patch
@@ -181,10 +181,20 @@ class RATSeg(nn.Module):
                                                 nn.Linear(dim, dim)) for _ in self.backbone.sgas)
         # No layer runs at full resolution with many channels (that would dominate
         # the cost at large sizes): each stem token predicts its P^D pixels
-        # (pixel shuffle), and a 3x3 conv on the raw image adds pixel-level colour.
+        # (pixel shuffle). The `refine` head then corrects those coarse logits with two
+        # 16-channel 3x3 convs at full resolution that see the image and the coarse
+        # probability: boundaries snap to the edges of the native pixels, where a finer
+        # input has real extra detail (the old `linear` head: one 3x3 conv on the image).
         self.norm = nn.LayerNorm(dim)
+        self.num_classes, self.head = num_classes, head
         self.to_pixels = nn.Linear(dim, num_classes * P ** D)
-        self.pixels = CONV[D](in_chans, num_classes, 3, padding=1)
+        if head == "linear":
+            self.pixels = CONV[D](in_chans, num_classes, 3, padding=1)
+        else:
+            self.pixels = nn.Sequential(CONV[D](in_chans + num_classes, 16, 3, padding=1), nn.GELU(),
+                                        CONV[D](16, 16, 3, padding=1), nn.GELU(), CONV[D](16, num_classes, 1))
+            nn.init.zeros_(self.pixels[-1].weight)   # starts as the coarse prediction alone
+            nn.init.zeros_(self.pixels[-1].bias)
         self.fuse.apply(init_weights)
 
     def forward(self, levels, spacings=None):
@@ -196,12 +206,15 @@ class RATSeg(nn.Module):
             y = self.backbone.sgas[b].unpool(y, stages[b + 1][0][3], grid, stride)
             y = y + self.fuse[b](torch.cat([y, skip], dim=-1))         # [B, N_b, dim]
         x = levels[0]
-        B, D, P, K = x.shape[0], len(grid), self.backbone.patch, self.pixels.out_channels
+        B, D, P, K = x.shape[0], len(grid), self.backbone.patch, self.num_classes
         y = self.to_pixels(self.norm(y)).reshape(B, *grid, K, *[P] * D)           # [B, *grid, K, *P]
         perm = [0, D + 1] + [v for d in range(D) for v in (1 + d, D + 2 + d)]
         y = y.permute(perm).reshape(B, K, *[g * P for g in grid])                  # [B, K, *grid*P]
         y = y[(...,) + tuple(slice(0, n) for n in x.shape[2:])]
-        return y + self.pixels((x - 0.5) / 0.25)
+        x = (x - 0.5) / 0.25
+        if self.head == "linear":
+            return y + self.pixels(x)
+        return y + self.pixels(torch.cat([x, y.sigmoid()], dim=1))                 # [B, K, *size_0]
 
 
 class RATBackbone(nn.Module):
@@ -305,10 +318,10 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def build_seg_model(model="rat", num_classes=1, ref_size=None, **rat):
+def build_seg_model(model="rat", num_classes=1, ref_size=None, head="refine", **rat):
     """RATSeg, or a U-Net whose width makes its parameter count closest to the RAT's.
     ref_size: the training size, for RAT's physical token grid (RAT.zoom)."""
-    net = RATSeg(num_classes, ref_size=ref_size, **rat)
+    net = RATSeg(num_classes, head=head, ref_size=ref_size, **rat)
     if model == "rat":
         return net
     target, D = num_params(net), rat.get("spatial_dims", 2)

@@ -1,33 +1,44 @@
 """Assemble the resolution robustness study's table and plot from its run folders
-(written by `PRESET=robust bash ablate.sh`).
+(written by `PRESET=robust bash ablate.sh`, or PRESET=robust_det for detection).
 
     python robust_table.py --out ablations/robust --seeds 0,1,2 --preset robust
+    python robust_table.py --out ablations/robust_det --seeds 0 --preset robust_det
 
 Reads OUT/variants.tsv (names <model>_<recipe>, recipe single: trained at one size, multi:
---train-sizes) and, per run OUT/runs/<name>_s<seed>/: args.json, metrics.jsonl (training
-time) and eval/results.json (eval.py --resize-to-train: Dice at each test resolution, for the
-native image and for the resize baseline). Writes OUT/results.md, OUT/results.csv (one row
+--train-sizes) and, per run OUT/runs/<name>_s<seed>/: args.json (the task), metrics.jsonl
+(training time) and eval/results.json (eval.py --resize-to-train: the scores at each test
+resolution, for the native image and for the resize baseline; seg: Dice; det: AP50 and AP,
+and ckpt_last.pt for the parameter count). Writes OUT/results.md, OUT/results.csv (one row
 per model, recipe, input and test resolution; mean and sample std over seeds) and
-OUT/dice_vs_resolution.png.
+OUT/<metric>_vs_resolution.png (dice_vs_resolution.png; det: ap50_vs_resolution.png).
 """
 
 import csv
 import json
 import math
 import os
+import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ablate_table import fmt, read_json, read_study, stats
+from ablate_table import BUFFERS, fmt, read_json, read_study, stats
 
 INPUTS = ("native", "resized")  # eval.py's input column: "native" or "resized to <train size>"
 RECIPES = ("single", "multi")  # trained at one size; with --train-sizes
+# Per task, the scores of eval.py's rows that the study reports, (key, label). The first is
+# the study's metric (the plot, native minus resized); det adds COCO's AP (IoU 0.5:0.95) as a
+# second table, since AP50 alone hides how well the boxes fit.
+METRICS = {"seg": (("dice", "Dice"),), "det": (("AP50", "AP50"), ("AP", "AP"))}
+DET_MODELS = {"rat": "RAT", "cnn": "small CNN", "resnet": "ResNet-18"}  # train.py --model
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
           (23, 190, 207), (127, 127, 127)]
 
 
-def display(model):
-    """'rose' -> 'RAT (rose)': the RAT runs differ in --pe; 'unet' -> 'U-Net'."""
+def display(model, task="seg"):
+    """seg: 'rose' -> 'RAT (rose)': the RAT runs differ in --pe; 'unet' -> 'U-Net'.
+    det: the variant's model is train.py's --model: 'cnn' -> 'small CNN'."""
+    if task == "det":
+        return DET_MODELS.get(model, model)
     return "U-Net" if model == "unet" else f"RAT ({model})"
 
 
@@ -39,9 +50,20 @@ def split_name(name):
     return model, recipe
 
 
+def num_params(run):
+    """Parameters in ckpt_last.pt, None without one (as ablate_table.py counts them)."""
+    path = os.path.join(run, "ckpt_last.pt")
+    if not os.path.exists(path):
+        return None
+    import torch  # only for the parameter count
+
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))
+
+
 def load_run(run):
     """-> dict with status ('ok', 'does not fit', 'failed', 'missing'), args, time and
-    dice[(input, resolution)]."""
+    scores[(metric, input, resolution)]; det also params (the baselines' sizes matter)."""
     for marker, status in (("does_not_fit.txt", "does not fit"), ("failed.txt", "failed")):
         if os.path.exists(os.path.join(run, marker)):
             return {"status": status}
@@ -50,26 +72,31 @@ def load_run(run):
         return {"status": "missing"}
     with open(os.path.join(run, "metrics.jsonl")) as f:
         epochs = [json.loads(line) for line in f if line.strip()]
-    res = read_json(results)
-    dice = {("native" if row["input"] == "native" else "resized", row["resolution"]): row["dice"]
-            for row in res["rows"]}
-    return {"status": "ok", "args": read_json(os.path.join(run, "args.json")), "images": res["rows"][0]["images"],
-            "time": sum(e["epoch_time_s"] for e in epochs), "dice": dice}
+    res, args = read_json(results), read_json(os.path.join(run, "args.json"))
+    task = args.setdefault("task", "seg")
+    scores = {(key, "native" if row["input"] == "native" else "resized", row["resolution"]): row[key]
+              for row in res["rows"] for key, _ in METRICS[task] if key in row}
+    return {"status": "ok", "args": args, "images": res["rows"][0]["images"],
+            "time": sum(e["epoch_time_s"] for e in epochs), "scores": scores,
+            "params": num_params(run) if task == "det" else None}
 
 
-def summarize(name, runs, resolutions):
+def summarize(name, runs, resolutions, metrics):
     """One table entry per (model, recipe): stats over the seeds that finished."""
     ok = [r for r in runs if r["status"] == "ok"]
     model, recipe = split_name(name)
     entry = {"model": model, "recipe": recipe, "seeds": f"{len(ok)}/{len(runs)}",
-             "status": ", ".join(sorted({r["status"] for r in runs} - {"ok"})), "time": stats([r["time"] for r in ok])}
-    for how in INPUTS:
-        for res in resolutions:
-            entry[how, res] = stats([r["dice"][how, res] for r in ok if (how, res) in r["dice"]])
-    # native minus resized, per seed (the same model both ways), then over seeds
+             "status": ", ".join(sorted({r["status"] for r in runs} - {"ok"})), "time": stats([r["time"] for r in ok]),
+             "params": next((r["params"] for r in ok if r["params"]), None)}
+    for key, _ in metrics:
+        for how in INPUTS:
+            for res in resolutions:
+                entry[key, how, res] = stats([r["scores"][key, how, res] for r in ok if (key, how, res) in r["scores"]])
+    # native minus resized in the study's metric, per seed (the same model both ways), then over seeds
+    key = metrics[0][0]
     for res in resolutions:
-        entry["gain", res] = stats([r["dice"]["native", res] - r["dice"]["resized", res] for r in ok
-                                    if ("native", res) in r["dice"] and ("resized", res) in r["dice"]])
+        entry["gain", res] = stats([r["scores"][key, "native", res] - r["scores"][key, "resized", res] for r in ok
+                                    if (key, "native", res) in r["scores"] and (key, "resized", res) in r["scores"]])
     return entry
 
 
@@ -83,43 +110,59 @@ def recipe_labels(ok, size):
     return {"single": f"{size} px", "multi": f"{min(multi)}-{max(multi)} px" if multi else "multi-size"}
 
 
-def markdown(entries, resolutions, size, labels, seeds, preset, loaded):
+def markdown(entries, resolutions, size, labels, seeds, preset, loaded, task):
     ok = [r for runs in loaded.values() for r in runs if r["status"] == "ok"]
-    lines = [f"## Resolution robustness study{' (preset ' + preset + ')' if preset else ''}", ""]
+    metrics = METRICS[task]
+    title = "Resolution robustness study" + (", detection" if task == "det" else "")
+    lines = [f"## {title}{' (preset ' + preset + ')' if preset else ''}", ""]
     if ok:
         g = ok[0]["args"]
         multi = next((r["args"]["train_sizes"] for r in ok if r["args"].get("train_sizes")), None)
         rat = next((r["args"] for r in ok if r["args"]["model"] == "rat"), g)
+        arch = (f"scales {','.join(f'{s:g}' for s in rat['scales'])}, sga {rat['sga']}, depth {rat['depth']}, "
+                f"dim {rat['dim']}, heads {rat['heads']}, patch {rat['patch']}")
+        if task == "det":
+            params = {e["model"]: e["params"] for e in entries if e["params"]}
+            models = (f"RAT: {arch}, pe {rat['pe']}, strides {','.join(map(str, rat['strides']))}; small CNN "
+                      f"(`--model cnn`): a plain CNN + FPN as wide as brings its parameter count closest to RAT's; "
+                      f"ResNet-18 (`--model resnet`) + FPN: a reference with many more parameters; all with "
+                      f"torchvision's FCOS head, from scratch. Parameters: "
+                      + (", ".join(f"{display(m, task)} {n / 1e6:.2f}M" for m, n in params.items()) or "-") + ".")
+            scored = "AP50 (first table) and AP (IoU 0.5:0.95, second table)"
+        else:
+            models, scored = f"RAT: {arch}; RAT (x): --pe x.", "Dice"
         lines += [f"{g['data']} data, {g['train_size'] or 'all'} train / {g['val_size'] or 'all'} val images, "
                   f"{g['epochs']} epochs, batch {g['batch_size']}, lr {g['lr']:g}. Recipes: {labels['single']} = "
                   f"trained at that size; {labels['multi']} = one size per step drawn from "
                   f"{','.join(map(str, multi)) if multi else '--train-sizes'} px (`--train-sizes`); both validated "
-                  f"(ckpt_best.pt picked) at {size} px. RAT: scales {','.join(f'{s:g}' for s in rat['scales'])}, sga "
-                  f"{rat['sga']}, depth {rat['depth']}, dim {rat['dim']}, heads {rat['heads']}, patch "
-                  f"{rat['patch']}; RAT (x): --pe x. Seeds {','.join(map(str, seeds))}: "
-                  f"mean ± std over seeds (sample std). Dice on the test split ({ok[0]['images']} images) at each "
+                  f"(ckpt_best.pt picked) at {size} px. {models} Seeds {','.join(map(str, seeds))}: "
+                  f"mean ± std over seeds (sample std). {scored} on the test split ({ok[0]['images']} images) at each "
                   f"test resolution; native: the image rendered at that resolution; resized: the same image resized "
                   f"to {size} px and the prediction resized back (`eval.py --resize-to-train`, the baseline of "
                   f"DESIGN.md section 8). Train time: sum of epoch times.", ""]
-    heads = [f"Dice {r} px ({factor(r, size)})" for r in resolutions]
-    cols = ["model", "recipe", "input", "train time (s)", *heads, "seeds"]
-    lines += ["| " + " | ".join(cols) + " |", "|---|---|---|" + "---:|" * (len(cols) - 3)]
-    for e in entries:
-        for how in INPUTS:
-            scores = [fmt(*e[how, r][:2]) for r in resolutions]
-            if e["status"] and e["seeds"].startswith("0/"):
-                scores = [e["status"]] + ["-"] * (len(scores) - 1)
-            time = fmt(*e["time"][:2], digits=0) if how == "native" else ""
-            note = e["seeds"] + (f" ({e['status']})" if e["status"] else "")
-            label = "native" if how == "native" else f"resized to {size}"
-            lines.append("| " + " | ".join([display(e["model"]), labels[e["recipe"]], label, time, *scores, note]) + " |")
+    for k, (key, name) in enumerate(metrics):  # one table per metric; the train time in the first
+        if k:
+            lines += ["", f"{name}, the same runs:", ""]
+        heads = [f"{name} {r} px ({factor(r, size)})" for r in resolutions]
+        cols = ["model", "recipe", "input", *(["train time (s)"] if k == 0 else []), *heads, "seeds"]
+        lines += ["| " + " | ".join(cols) + " |", "|---|---|---|" + "---:|" * (len(cols) - 3)]
+        for e in entries:
+            for how in INPUTS:
+                scores = [fmt(*e[key, how, r][:2]) for r in resolutions]
+                if e["status"] and e["seeds"].startswith("0/"):
+                    scores = [e["status"]] + ["-"] * (len(scores) - 1)
+                time = [fmt(*e["time"][:2], digits=0) if how == "native" else ""] if k == 0 else []
+                note = e["seeds"] + (f" ({e['status']})" if e["status"] else "")
+                label = "native" if how == "native" else f"resized to {size}"
+                lines.append("| " + " | ".join([display(e["model"], task), labels[e["recipe"]], label, *time, *scores,
+                                                note]) + " |")
     away = [r for r in resolutions if r != size]
-    lines += ["", "Native minus resized Dice (per seed, then mean ± std over seeds): above 0, the model does better "
-                  "on the image as it is than on the image resized to its training size.", "",
+    lines += ["", f"Native minus resized {metrics[0][1]} (per seed, then mean ± std over seeds): above 0, the model "
+                  "does better on the image as it is than on the image resized to its training size.", "",
               "| model | recipe | " + " | ".join(f"{r} px ({factor(r, size)})" for r in away) + " |",
               "|---|---|" + "---:|" * len(away)]
     for e in entries:
-        lines.append(f"| {display(e['model'])} | {labels[e['recipe']]} | "
+        lines.append(f"| {display(e['model'], task)} | {labels[e['recipe']]} | "
                      + " | ".join(signed(*e["gain", r][:2]) for r in away) + " |")
     return "\n".join(lines) + "\n"
 
@@ -128,14 +171,17 @@ def signed(m, s):
     return "-" if m is None else f"{m:+.3f}" + (f" ± {s:.3f}" if s is not None else "")
 
 
-def csv_rows(entries, resolutions, size):
+def csv_rows(entries, resolutions, size, metrics):
+    """<metric>_mean, _std per metric (dice; det: ap50, ap), then native minus resized in the first."""
     rows = []
     for e in entries:
         for how in INPUTS:
             for r in resolutions:
-                (m, s, n), (gm, gs, _) = e[how, r], e["gain", r]
-                rows.append({"model": e["model"], "recipe": e["recipe"], "input": how, "resolution": r,
-                             "factor": r / size, "dice_mean": m, "dice_std": s, "seeds": n,
+                row = {"model": e["model"], "recipe": e["recipe"], "input": how, "resolution": r, "factor": r / size}
+                for key, _ in metrics:
+                    row[f"{key.lower()}_mean"], row[f"{key.lower()}_std"], _ = e[key, how, r]
+                gm, gs, _ = e["gain", r]
+                rows.append({**row, "seeds": e[metrics[0][0], how, r][2],
                              "native_minus_resized_mean": gm if how == "native" else None,
                              "native_minus_resized_std": gs if how == "native" else None,
                              "status": e["status"] or "ok"})
@@ -172,18 +218,20 @@ def dashed(draw, points, color, width, dash=9, gap=6):
         walked += length
 
 
-def y_range(entries, resolutions):
-    values = [e[how, r][0] + sign * (e[how, r][1] or 0) for e in entries for how in INPUTS for r in resolutions
-              for sign in (-1, 1) if e[how, r][0] is not None]
+def y_range(entries, resolutions, key):
+    values = [e[key, how, r][0] + sign * (e[key, how, r][1] or 0) for e in entries for how in INPUTS
+              for r in resolutions for sign in (-1, 1) if e[key, how, r][0] is not None]
     if not values:
         return 0.0, 1.0
     lo, hi = max(0.0, math.floor(min(values) * 10) / 10), min(1.0, math.ceil(max(values) * 10) / 10)
     return (lo, hi) if hi - lo >= 0.1 else (max(0.0, hi - 0.1), max(hi, 0.1))
 
 
-def plot(entries, resolutions, size, labels, path):
-    """Dice against test resolution: one panel per recipe, one colour per model; native
-    solid with ± std bars, the resize baseline dashed in a lighter shade."""
+def plot(entries, resolutions, size, labels, path, task):
+    """The study's metric (Dice; det: AP50) against test resolution: one panel per recipe,
+    one colour per model; native solid with ± std bars, the resize baseline dashed in a
+    lighter shade."""
+    key, name = METRICS[task][0]
     models = list(dict.fromkeys(e["model"] for e in entries))
     recipes = [r for r in RECIPES if any(e["recipe"] == r for e in entries)]
     color = {m: COLORS[i % len(COLORS)] for i, m in enumerate(models)}
@@ -192,9 +240,9 @@ def plot(entries, resolutions, size, labels, path):
     img = Image.new("RGB", (len(recipes) * (W + gap) - gap + 20, H + 30 + 22 * legend_rows), "white")
     d = ImageDraw.Draw(img)
     small, big = font(13), font(16)
-    d.text((10, 8), f"Dice against test resolution (mean over seeds; dashed: resized to {size} px, the baseline)",
+    d.text((10, 8), f"{name} against test resolution (mean over seeds; dashed: resized to {size} px, the baseline)",
            fill="black", font=big)
-    lo, hi = y_range(entries, resolutions)
+    lo, hi = y_range(entries, resolutions, key)
     step = 0.1 if hi - lo <= 0.6 else 0.2
     xs = [math.log2(r) for r in resolutions]
     for p, recipe in enumerate(recipes):
@@ -213,11 +261,11 @@ def plot(entries, resolutions, size, labels, path):
             d.text((X(r), y1 + 24), factor(r, size), fill=(90, 90, 90), font=small, anchor="mt")
         d.rectangle([x0, y0, x1, y1], outline="black")
         d.text(((x0 + x1) / 2, y1 + 44), "test resolution (px)", fill="black", font=small, anchor="mt")
-        d.text((x0 - 52, (y0 + y1) / 2), "Dice", fill="black", font=small, anchor="lm")
+        d.text((x0 - 52, (y0 + y1) / 2), name, fill="black", font=small, anchor="lm")
         for e in (e for e in entries if e["recipe"] == recipe):
-            base = [(X(r), Y(e["resized", r][0])) for r in resolutions if e["resized", r][0] is not None]
-            native = [(X(r), Y(e["native", r][0]), e["native", r][1]) for r in resolutions
-                      if e["native", r][0] is not None]
+            base = [(X(r), Y(e[key, "resized", r][0])) for r in resolutions if e[key, "resized", r][0] is not None]
+            native = [(X(r), Y(e[key, "native", r][0]), e[key, "native", r][1]) for r in resolutions
+                      if e[key, "native", r][0] is not None]
             if len(base) > 1:
                 dashed(d, base, lighter(color[e["model"]]), 2)
             if len(native) > 1:
@@ -228,8 +276,8 @@ def plot(entries, resolutions, size, labels, path):
                            fill=color[e["model"]], width=1)
                 d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color[e["model"]])
     # legend: colours for the models, line styles for the inputs
-    items = [(display(m), color[m], False) for m in models] + [("native input", (60, 60, 60), False),
-                                                     (f"resized to {size} px", lighter((60, 60, 60)), True)]
+    items = [(display(m, task), color[m], False) for m in models] + [
+        ("native input", (60, 60, 60), False), (f"resized to {size} px", lighter((60, 60, 60)), True)]
     ly = H + 30
     for k, (label, c, dash) in enumerate(items):
         lx, y = 20 + (k % 4) * 250, ly + 22 * (k // 4)
@@ -253,21 +301,26 @@ def main():
             f.write(md)
         print(md)
         return
+    tasks = {r["args"]["task"] for r in ok}
+    if len(tasks) > 1:  # one metric per study: seg and det runs do not share a table
+        sys.exit(f"robust_table.py: {a.out} holds runs of both tasks ({', '.join(sorted(tasks))})")
+    task = tasks.pop()
     size = ok[0]["args"]["image_size"]
-    resolutions = sorted({res for r in ok for _, res in r["dice"]})
-    entries = [summarize(n, loaded[n], resolutions) for n in names]
+    resolutions = sorted({res for r in ok for _, _, res in r["scores"]})
+    entries = [summarize(n, loaded[n], resolutions, METRICS[task]) for n in names]
     labels = recipe_labels(ok, size)
-    md = markdown(entries, resolutions, size, labels, seeds, a.preset, loaded)
+    md = markdown(entries, resolutions, size, labels, seeds, a.preset, loaded, task)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
-    rows = csv_rows(entries, resolutions, size)
+    rows = csv_rows(entries, resolutions, size, METRICS[task])
     with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot(entries, resolutions, size, labels, os.path.join(a.out, "dice_vs_resolution.png"))
+    png = f"{METRICS[task][0][0].lower()}_vs_resolution.png"  # dice_vs_resolution.png, ap50_vs_resolution.png
+    plot(entries, resolutions, size, labels, os.path.join(a.out, png), task)
     print(md)
-    print(f"wrote {a.out}/results.md, results.csv and dice_vs_resolution.png")
+    print(f"wrote {a.out}/results.md, results.csv and {png}")
 
 
 if __name__ == "__main__":

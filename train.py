@@ -36,7 +36,9 @@ from sga import SGA_CHOICES
 
 # Architecture flags: stored in every checkpoint, so eval.py rebuilds the same model.
 ARCH = ("task", "model", "image_size", "scales", "pe", "sga", "depth", "dim", "heads", "patch", "strides",
-        "dropout", "num_classes")
+        "dropout", "num_classes", "token_grid", "head")
+# What checkpoints from before a flag existed were trained with.
+LEGACY_ARCH = {"token_grid": "pixel", "head": "linear"}
 
 
 def get_args_parser():
@@ -62,6 +64,9 @@ def get_args_parser():
     p.add_argument("--patch", type=int, default=None, help="stem stride (default 2 for seg, 4 for det)")
     p.add_argument("--strides", default=None,
                    help="SGA stride per block, e.g. 4,2,2,1 (default 4,2,2,1,1.. for seg, 2,2,1,1.. for det)")
+    p.add_argument("--head", default="refine", choices=["refine", "linear"],
+                   help="seg RAT's pixel head: refine (default), two 3x3 convs at full resolution on the image "
+                        "and the coarse prediction; linear, one 3x3 conv on the image (the head before refine)")
     p.add_argument("--token-grid", default="physical", choices=["physical", "pixel"],
                    help="seg RAT: physical (default) zooms the stem kernel and the first grouping stride with the "
                         "input's resolution relative to --image-size, so deep tokens keep their physical spacing at "
@@ -155,9 +160,8 @@ def build_model(args):
     rat = dict(dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch, strides=args.strides,
                pe=args.pe, sga=args.sga, dropout=args.dropout)
     if args.task == "seg":
-        # checkpoints from before --token-grid behave as they were trained: pixel
-        ref_size = args.image_size if getattr(args, "token_grid", "pixel") == "physical" else None
-        return build_seg_model(args.model, num_classes=1, ref_size=ref_size, **rat)
+        ref_size = args.image_size if args.token_grid == "physical" else None
+        return build_seg_model(args.model, num_classes=1, ref_size=ref_size, head=args.head, **rat)
     return build_detector(args.model, num_classes=args.num_classes, image_size=args.image_size,
                           scales=args.scales, **rat)
 
@@ -406,7 +410,8 @@ def main(args):
         raise ValueError(f"{last_path}: ranks see different run folders (steps {found.int().tolist()}, -1: none); "
                          "the run folder (--out) must be visible to every node, e.g. on a shared filesystem")
     if ckpt:
-        changed = {k: (ckpt["args"].get(k), vars(args).get(k)) for k in ARCH if ckpt["args"].get(k) != vars(args).get(k)}
+        saved = {**LEGACY_ARCH, **ckpt["args"]}
+        changed = {k: (saved.get(k), vars(args).get(k)) for k in ARCH if saved.get(k) != vars(args).get(k)}
         if changed:
             raise ValueError(f"{last_path}: run folder holds a different model {changed}; use a new --out")
         model.load_state_dict(ckpt["model"])

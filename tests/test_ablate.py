@@ -227,3 +227,108 @@ def test_robust_table_statistics(tmp_path):
     assert "| RAT (rose) | 16-64 px | +0.100 | +0.100 | +0.100 |" in table
     with Image.open(tmp_path / "dice_vs_resolution.png") as im:
         im.verify()
+
+
+# --- the same study for detection (PRESET=robust_det): AP50 and AP ----------------------
+
+def robust_det_env(out, variants, **extra):
+    """PRESET=robust_det at tiny sizes: 32 px (multi: 16..64 px), tested at 24, 32, 48, 64 px;
+    dim 32, the smallest the detector takes (FCOS's GroupNorm(32))."""
+    return study_env(out, variants, PRESET="robust_det", IMAGE_SIZE="32", DIM="32", HEADS="2", BATCH_SIZE="8",
+                     TRAIN_SIZE="8", **extra)
+
+
+def test_robust_det_preset_lists_every_model_and_recipe(tmp_path):
+    run = subprocess.run(["bash", "ablate.sh"], cwd=ROOT, env=robust_det_env(tmp_path / "robust_det", "bogus"),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "unknown variant bogus (known: " + " ".join(
+        f"{m}_{r}" for m in ("rat", "cnn", "resnet") for r in ("single", "multi")) + ")" in run.stderr, run.stderr
+
+
+def test_robust_det_study_writes_table_and_plot(tmp_path):
+    # one real detection run (RAT, multi-size) through the whole preset; the table's
+    # arithmetic is checked on made-up runs below
+    out = tmp_path / "robust_det"
+    log = study(robust_det_env(out, "rat_multi"))
+    assert "] train rat_multi seed 0: python train.py ... --model rat --train-sizes 16,24,32,48,64" in log
+    args = json.loads((out / "runs" / "rat_multi_s0" / "args.json").read_text())
+    assert (args["task"], args["model"], args["image_size"], args["patch"]) == ("det", "rat", 32, 4)
+    assert args["train_sizes"] == [16, 24, 32, 48, 64]
+    evaluated = json.loads((out / "runs" / "rat_multi_s0" / "eval" / "results.json").read_text())["rows"]
+    assert [(r["resolution"], r["input"]) for r in evaluated] == \
+        [(r, how) for r in (24, 32, 48, 64) for how in ("native", "resized to 32")]
+
+    rows = csv_rows(out)
+    assert [(r["model"], r["recipe"], r["input"], r["resolution"]) for r in rows] == \
+        [("rat", "multi", how, str(res)) for how in ("native", "resized") for res in (24, 32, 48, 64)]
+    assert all(0 <= float(r["ap50_mean"]) <= 1 and 0 <= float(r["ap_mean"]) <= 1 and r["status"] == "ok"
+               for r in rows) and "dice_mean" not in rows[0]
+    table = (out / "results.md").read_text()
+    assert "| model | recipe | input | train time (s) | AP50 24 px (0.75x) | AP50 32 px (1x) | AP50 48 px (1.5x) " \
+           "| AP50 64 px (2x) | seeds |" in table and "| AP 64 px (2x) |" in table
+    native = [line for line in table.splitlines() if line.startswith("| RAT | 16-64 px | native |")]
+    assert len(native) == 2  # the AP50 table and the AP table
+    assert all(float(cell) >= 0 for cell in native[0].split("|")[5:9]), native[0]  # four AP50 numbers
+
+    png = out / "ap50_vs_resolution.png"
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.width > 500 and im.height > 300
+        colours = im.convert("RGB").getcolors(1 << 20)
+    assert max(n for n, c in colours if c == (31, 119, 180)) > 100  # RAT's line and markers are drawn
+    assert not (out / "dice_vs_resolution.png").exists()
+
+
+def fake_det_run(run_dir, model, native, resized, params, train_sizes=None, size=32):
+    """A finished detection robustness run with made-up AP50 at 24, 32, 48, 64 px; its AP is
+    half its AP50, so that a table showing AP50 as AP (or back) is caught."""
+    os.makedirs(run_dir / "eval")
+    args = {"task": "det", "data": "synthetic", "model": model, "image_size": size, "train_sizes": train_sizes,
+            "train_size": 8, "val_size": 4, "epochs": 2, "batch_size": 8, "lr": 1e-3, "scales": [1.0, 0.5],
+            "pe": "rose", "sga": "local", "depth": 4, "dim": 32, "heads": 2, "patch": 4, "strides": [2, 2, 1, 1]}
+    (run_dir / "args.json").write_text(json.dumps(args))
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "epoch_time_s": 1.5}\n{"epoch": 2, "epoch_time_s": 2.5}\n')
+    torch.save({"model": {"w": torch.zeros(params)}}, run_dir / "ckpt_last.pt")
+    rows = [{"resolution": r, "input": how, "AP": v / 2, "AP50": v, "AP75": 0.0, "images": 4}
+            for r, n, z in zip((24, 32, 48, 64), native, resized)
+            for how, v in (("native", n), (f"resized to {size}", z))]
+    (run_dir / "eval" / "results.json").write_text(json.dumps({"task": "det", "rows": rows}))
+
+
+def test_robust_table_statistics_det(tmp_path):
+    (tmp_path / "variants.tsv").write_text("variant\tflags\nrat_single\t--model rat\ncnn_multi\t--model cnn "
+                                           "--train-sizes 16,32,64\nresnet_single\t--model resnet\n")
+    runs = tmp_path / "runs"
+    fake_det_run(runs / "rat_single_s0", "rat", (0.5, 0.60, 0.6, 0.4), (0.6, 0.60, 0.7, 0.7), 100_000)
+    fake_det_run(runs / "rat_single_s1", "rat", (0.5, 0.70, 0.6, 0.2), (0.6, 0.70, 0.7, 0.7), 100_000)
+    fake_det_run(runs / "cnn_multi_s0", "cnn", (0.8, 0.90, 0.9, 0.9), (0.7, 0.90, 0.8, 0.8), 120_000,
+                 train_sizes=[16, 32, 64])
+    os.makedirs(runs / "resnet_single_s0")
+    (runs / "resnet_single_s0" / "failed.txt").write_text("exit status 1\nboom\n")
+    run = subprocess.run([sys.executable, "robust_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = {(r["model"], r["recipe"], r["input"], int(r["resolution"])): r for r in csv_rows(tmp_path)}
+    single = rows["rat", "single", "native", 32]
+    assert abs(float(single["ap50_mean"]) - 0.65) < 1e-9 and single["seeds"] == "2"
+    assert abs(float(single["ap50_std"]) - 0.005 ** 0.5) < 1e-9  # sample std of 0.60, 0.70
+    assert abs(float(single["ap_mean"]) - 0.325) < 1e-9 and abs(float(single["ap_std"]) - 0.005 ** 0.5 / 2) < 1e-9
+    at_2x = rows["rat", "single", "native", 64]  # native - resized AP50 per seed: -0.3, -0.5
+    assert abs(float(at_2x["native_minus_resized_mean"]) + 0.4) < 1e-9
+    assert rows["cnn", "multi", "resized", 64]["ap50_std"] == ""  # one seed: no std
+    assert rows["resnet", "single", "native", 32]["status"] == "failed, missing"
+    table = (tmp_path / "results.md").read_text()
+    assert "## Resolution robustness study, detection" in table
+    assert "Parameters: RAT 0.10M, small CNN 0.12M." in table
+    assert "| RAT | 32 px | native | 4 ± 0 | 0.500 ± 0.000 | 0.650 ± 0.071 | 0.600 ± 0.000 | 0.300 ± 0.141 | 2/2 |" \
+        in table
+    assert "| RAT | 32 px | native | 0.250 ± 0.000 | 0.325 ± 0.035 | 0.300 ± 0.000 | 0.150 ± 0.071 | 2/2 |" \
+        in table.split("AP, the same runs:")[1]  # the AP table: no train time column
+    assert "| small CNN | 16-64 px | native | 4 | 0.800 | 0.900 | 0.900 | 0.900 | 1/2 (missing) |" in table
+    assert "| ResNet-18 | 32 px | native | - | failed, missing | - | - | - | 0/2 (failed, missing) |" in table
+    assert "| RAT | 32 px | -0.100 ± 0.000 | -0.100 ± 0.000 | -0.400 ± 0.141 |" in table
+    assert "| small CNN | 16-64 px | +0.100 | +0.100 | +0.100 |" in table
+    with Image.open(tmp_path / "ap50_vs_resolution.png") as im:
+        im.verify()
+    assert not (tmp_path / "dice_vs_resolution.png").exists()

@@ -52,16 +52,51 @@ def test_at_the_training_size_nothing_changes():
         assert torch.equal(rat(None)(levels), rat(64)(levels))
 
 
-def test_train_builds_the_physical_grid_by_default_and_old_checkpoints_keep_pixels():
+def test_train_builds_the_physical_grid_by_default():
     import train
-    def built(*flags, drop=None):
+    def built(*flags):
         args = train.fill_defaults(train.get_args_parser().parse_args(["--dim", "16", "--heads", "2", *flags]))
         args.num_classes = 1
-        if drop:
-            delattr(args, drop)   # a checkpoint written before the flag existed
-        return train.build_model(args).backbone.ref_size
-    assert built() == 64 and built("--image-size", "96") == 96
-    assert built("--token-grid", "pixel") is None and built(drop="token_grid") is None
+        return train.build_model(args)
+    assert built().backbone.ref_size == 64 and built("--image-size", "96").backbone.ref_size == 96
+    assert built("--token-grid", "pixel").backbone.ref_size is None
+    assert built().head == "refine" and built("--head", "linear").head == "linear"
+
+
+def test_checkpoints_from_before_the_flags_load_as_they_were_trained(tmp_path):
+    # Checkpoints written before --token-grid and --head existed hold neither in their args:
+    # eval.py must rebuild the pixel grid and the linear head they were trained with.
+    import eval as ev
+    import train
+    args = train.fill_defaults(train.get_args_parser().parse_args(
+        ["--dim", "16", "--heads", "2", "--token-grid", "pixel", "--head", "linear"]))
+    args.num_classes = 1
+    model = train.build_model(args)
+    saved = {k: v for k, v in vars(args).items() if k not in ("token_grid", "head")}
+    torch.save({"model": model.state_dict(), "args": saved}, tmp_path / "old.pt")
+    train_args, state = ev.load_run(str(tmp_path / "old.pt"), "seg")
+    rebuilt = ev.build_eval_model(train_args, state, 64, torch.device("cpu"), "old.pt")
+    assert rebuilt.backbone.ref_size is None and rebuilt.head == "linear"
+    x = [torch.rand(1, 3, 64, 64), torch.rand(1, 3, 32, 32)]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("change", [["--token-grid", "pixel"], ["--head", "linear"]])
+def test_resume_refuses_another_token_grid_or_head(tmp_path, change):
+    # The same weights load into either grid (and nearly either head): resuming must not
+    # silently go on training another model than the one in the run folder.
+    import os, subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = [sys.executable, "train.py", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2",
+              "--train-size", "8", "--val-size", "2", "--batch-size", "8", "--workers", "0", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(common + ["--epochs", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run(common + ["--epochs", "2", *change], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode != 0 and "different model" in again.stderr, again.stderr[-2000:]
+    assert change[0][2:].replace("-", "_") in again.stderr
 
 
 def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
