@@ -79,7 +79,7 @@ def summarize(name, flags, runs, tag=""):
 
 
 def comparison(row, ref, metric, factor, label):
-    (m, s, n), (m0, s0, n0) = row[(metric, factor)], ref[(metric, factor)]
+    (m, s, _), (m0, s0, _) = row[(metric, factor)], ref[(metric, factor)]
     if m is None or m0 is None:
         return None
     if s is None or s0 is None:

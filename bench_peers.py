@@ -212,7 +212,7 @@ def gpu_worker(model, sizes, batch, reps, backend=None, stop_at_first_failure=Fa
             t = time.perf_counter()
             amp_step(run, x, opt)                               # the first call compiles
             first = time.perf_counter() - t
-            s = bench.timed({"s": lambda: amp_step(run, x, opt)}, reps)["s"]
+            s = bench.timed({"s": lambda x=x: amp_step(run, x, opt)}, reps)["s"]
             out[str(n)] = {"s": s, "mem": peak(), "first": first}
         except (RuntimeError, MemoryError) as e:
             out[str(n)] = {"error": short_error(e)}

@@ -546,12 +546,16 @@ def coco_holdout(n, val_size, ann_path):
 # ---------------------------------------------------------------------------------------
 
 def main():
-    """Measure render speed (--bench) and the colour-threshold baseline (--baseline SIZE)."""
+    """Measure render speed (--bench), the colour-threshold baseline (--baseline SIZE) and
+    the resize ceiling (--resize-ceiling SIZE)."""
     import argparse
     import time
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--baseline", type=int, metavar="SIZE")
+    parser.add_argument("--resize-ceiling", type=int, metavar="SIZE",
+                        help="Dice at 2x and 4x SIZE of the test split's SIZE px ground truth, upsampled as eval.py "
+                             "--resize-to-train upsamples logits: the most a model that sees SIZE px can score there")
     args = parser.parse_args()
     if args.bench:
         for name, render in [("lesions", render_lesion), ("shapes", render_shapes)]:
@@ -567,6 +571,18 @@ def main():
         both = pred.sum(1) + masks.sum(1)
         dice = torch.where(both > 0, 2 * (pred * masks).sum(1) / both.clamp_min(1), torch.ones_like(both))
         print(f"colour-threshold baseline, synthetic val, {args.baseline} px: Dice {dice.mean():.3f}")
+    if args.resize_ceiling:
+        size = args.resize_ceiling
+        test = SegDataset("synthetic", "test", size)
+        _, small = seg_collate([test[i] for i in range(len(test))])
+        for f in (2, 4):
+            test = SegDataset("synthetic", "test", f * size)
+            _, truth = seg_collate([test[i] for i in range(len(test))])
+            up = F.interpolate(small, scale_factor=f, mode="bilinear", align_corners=False) > 0.5   # [B, 1, fH, fW]
+            up, truth = up.flatten(1).float(), truth.flatten(1)
+            both = up.sum(1) + truth.sum(1)
+            dice = torch.where(both > 0, 2 * (up * truth).sum(1) / both.clamp_min(1), torch.ones_like(both))
+            print(f"{size} px ground truth upsampled to {f * size} px, synthetic test: Dice {dice.mean():.3f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Everything works in 1, 2 or 3 spatial dims. Spacing is physical units per pixel;
 by default the field of view is 1, so spacing = 1 / size (DESIGN.md section 1).
 """
 
-import math
 from collections import OrderedDict
 
 import torch

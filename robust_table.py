@@ -76,8 +76,10 @@ def load_run(run):
     task = args.setdefault("task", "seg")
     scores = {(key, "native" if row["input"] == "native" else "resized", row["resolution"]): row[key]
               for row in res["rows"] for key, _ in METRICS[task] if key in row}
+    val = METRICS[task][0][0]
+    curves = {"train loss": [e.get("train_loss") for e in epochs], f"validation {val}": [e.get(val) for e in epochs]}
     return {"status": "ok", "args": args, "images": res["rows"][0]["images"],
-            "time": sum(e["epoch_time_s"] for e in epochs), "scores": scores,
+            "time": sum(e["epoch_time_s"] for e in epochs), "scores": scores, "curves": curves,
             "params": num_params(run) if task == "det" else None}
 
 
@@ -289,6 +291,59 @@ def plot(entries, resolutions, size, labels, path, task):
     img.save(path)
 
 
+def plot_curves(loaded, names, path, task):
+    """Learning curves, mean over seeds: training loss and the validation metric (at the
+    training size) per epoch; one colour per model, solid: single size, dashed: multi. They
+    show whether a model that trails at the training size is still improving when training
+    stops (under-trained) or has levelled off."""
+    models = list(dict.fromkeys(split_name(n)[0] for n in names))
+    color = {m: COLORS[i % len(COLORS)] for i, m in enumerate(models)}
+    series = {}  # (name, curve) -> mean per epoch over the seeds that finished
+    for n in names:
+        for curve in next((r["curves"] for r in loaded[n] if r["status"] == "ok"), {}):
+            runs = [r["curves"][curve] for r in loaded[n] if r["status"] == "ok"]
+            epochs = min(len(c) for c in runs)
+            series[n, curve] = [sum(c[e] for c in runs) / len(runs) for e in range(epochs)
+                                if all(c[e] is not None for c in runs)]
+    curves = list(dict.fromkeys(c for (_, c), v in series.items() if v))
+    if not curves:
+        return
+    W, H, left, right, top, bottom, gap = 460, 360, 60, 20, 40, 50, 30
+    img = Image.new("RGB", (len(curves) * (W + gap) - gap + 20, H + 30 + 22 * ((len(models) + 5) // 4)), "white")
+    d, small, big = ImageDraw.Draw(img), font(13), font(16)
+    for p, curve in enumerate(curves):
+        data = {n: v for (n, c), v in series.items() if c == curve and v}
+        lo, hi = min(min(v) for v in data.values()), max(max(v) for v in data.values())
+        lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+        n_ep = max(len(v) for v in data.values())
+        x0, y0 = 10 + p * (W + gap) + left, 10 + top
+        x1, y1 = x0 + W - left - right, y0 + H - top - bottom
+        X = lambda e: x0 + 10 + e / max(n_ep - 1, 1) * (x1 - x0 - 20)
+        Y = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)
+        d.text(((x0 + x1) / 2, y0 - 12), curve, fill="black", font=big, anchor="ms")
+        for k in range(5):
+            v = lo + k * (hi - lo) / 4
+            d.line([(x0, Y(v)), (x1, Y(v))], fill=(225, 225, 225))
+            d.text((x0 - 6, Y(v)), f"{v:.2f}", fill="black", font=small, anchor="rm")
+        for e in range(n_ep):
+            d.text((X(e), y1 + 6), str(e + 1), fill="black", font=small, anchor="mt")
+        d.text(((x0 + x1) / 2, y1 + 26), "epoch", fill="black", font=small, anchor="mt")
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        for n, v in data.items():
+            model, recipe = split_name(n)
+            pts = [(X(e), Y(y)) for e, y in enumerate(v)]
+            if len(pts) > 1:
+                (dashed(d, pts, color[model], 2) if recipe == "multi" else
+                 d.line(pts, fill=color[model], width=3, joint="curve"))
+    items = [(display(m, task), color[m], False) for m in models] + [
+        ("single size", (60, 60, 60), False), ("--train-sizes", (60, 60, 60), True)]
+    for k, (label, c, dash) in enumerate(items):
+        lx, y = 20 + (k % 4) * 230, H + 30 + 22 * (k // 4)
+        (dashed(d, [(lx, y), (lx + 34, y)], c, 2) if dash else d.line([(lx, y), (lx + 34, y)], fill=c, width=3))
+        d.text((lx + 42, y), label, fill="black", font=small, anchor="lm")
+    img.save(path)
+
+
 def main():
     a, seeds, table = read_study("Write the resolution robustness study's results.md, .csv and plot")
     names = [r["variant"] for r in table]
@@ -319,8 +374,9 @@ def main():
         w.writerows(rows)
     png = f"{METRICS[task][0][0].lower()}_vs_resolution.png"  # dice_vs_resolution.png, ap50_vs_resolution.png
     plot(entries, resolutions, size, labels, os.path.join(a.out, png), task)
+    plot_curves(loaded, names, os.path.join(a.out, "learning_curves.png"), task)
     print(md)
-    print(f"wrote {a.out}/results.md, results.csv and {png}")
+    print(f"wrote {a.out}/results.md, results.csv, {png} and learning_curves.png")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def test_robust_study_writes_table_and_plot(tmp_path):
         assert im.format == "PNG" and im.width > 500 and im.height > 300
         colours = im.convert("RGB").getcolors(1 << 20)
     assert max(n for n, c in colours if c == (31, 119, 180)) > 100  # rose's line and markers are drawn
+    with Image.open(out / "learning_curves.png") as im:   # train loss and validation Dice per epoch
+        assert max(n for n, c in im.convert("RGB").getcolors(1 << 20) if c == (31, 119, 180)) > 20
 
     log = study(env)  # finished: only the table is rebuilt
     assert "skip rose_multi seed 1 (finished)" in log and "] train " not in log and "] evaluated " not in log

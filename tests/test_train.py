@@ -84,7 +84,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, how):
     if how == "sigterm":
         assert proc.returncode == 143, proc.stderr.read()[-2000:]
     rerun = train(tmp_path / "cut", *args)
-    assert f"resuming" in rerun.stdout
+    assert "resuming" in rerun.stdout
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "cut")) < 1e-6
 
 
