@@ -14,7 +14,7 @@
 #   bash ablate.sh                       # preset "cpu": synthetic data, 2 CPU cores, ~50 min
 #   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh      # ISIC 2018 on GPUs
 #   PRESET=robust bash ablate.sh         # the resolution robustness study (below), ~1 h
-#   PRESET=robust_det bash ablate.sh     # the same for detection (below), ~30 min (estimate)
+#   PRESET=robust_det bash ablate.sh     # the same for detection (below), ~40-70 min
 #
 # The resolution robustness study (PRESET=robust, ablations/robust/): can a model hold its
 # Dice from 0.5x to 4x its training size, and does it beat resizing the image to the
@@ -30,6 +30,7 @@
 # 32..128 17 s of CPU; eval.py at 32..256 px with the baseline, 200 test images, 60 s of CPU.
 # At 1000 images x 8 epochs: RAT 205 s (single) / 286 s (multi), U-Net ~120 / ~165 s, per
 # run with its evaluation, so 3 seeds x 2250 s / 2 cores = ~56 min (90 min allows ~1.5x).
+# Measured: the 24 RAT runs took 82 min while the detection study ran on the same 2 cores.
 #
 # The detection robustness study (PRESET=robust_det, ablations/robust_det/): the same
 # question for detection, in AP50 (and AP). Models (train.py --task det --model): rat, cnn
@@ -40,11 +41,10 @@
 # 0.75x, 1x, 1.5x and 2x IMAGE_SIZE (96..256 px) with eval.py --resize-to-train;
 # robust_table.py writes results.md, results.csv and ap50_vs_resolution.png. One seed by
 # default (SEEDS=0): a det training takes minutes here.
-# Time on this 2-core CPU: an ESTIMATE, not measured yet. 6 runs, two at a time, one thread
-# each. From the README's det defaults (12 epochs x 2000 images at 128 px: RAT 12 min,
-# ResNet-18 13 min), 6 epochs x 1000 images are ~3 min per run at 128 px, ~5 min with
-# --train-sizes 64..256 (1.6x the pixels per step), plus ~1 min of evaluation each:
-# 3 x (3 + 5 + 2) min = ~30 min (45 min allows ~1.5x). Replace with the measured time.
+# Time on this 2-core CPU: 71 min for the 6 runs measured one at a time (JOBS=1) while the
+# segmentation study shared the CPU (RAT 473 s single / 706 s multi, small CNN 282 / 472 s,
+# ResNet-18 834 / 991 s of training, ~1.5 min of evaluation each); two at a time on a quiet
+# machine should take about half that.
 #
 # Presets (PRESET=...):
 #   cpu   (default) synthetic data, 64 px, 600 train / 100 val, 6 epochs, batch 16,

@@ -552,7 +552,7 @@ def sec_optim(a):
     rows = []
     for D, n, batch in ((2, 64, 2), (3, 16, 1)) if a.quick else ((2, 512, 2), (2, 1024, 2), (3, 64, 1)):
         log(f"before/after {D}D {n}")
-        new = seg("rat", spatial_dims=D)
+        new = seg("rat", spatial_dims=D, head="linear")   # the head of before: this compares sga.py and rose.py
         torch.manual_seed(0)
         before = old.RATSeg(spatial_dims=D, **RAT).to(device())
         before.load_state_dict(new.state_dict())
