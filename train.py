@@ -37,7 +37,7 @@ from sga import SGA_CHOICES
 # Architecture flags: stored in every checkpoint, so eval.py rebuilds the same model.
 ARCH = ("task", "model", "image_size", "scales", "pe", "sga", "depth", "dim", "heads", "patch", "strides",
         "dropout", "num_classes", "token_grid", "head")
-# What checkpoints from before a flag existed were trained with.
+# What checkpoints from before a flag existed were trained with (both flags are seg RAT's only).
 LEGACY_ARCH = {"token_grid": "pixel", "head": "linear"}
 
 
@@ -411,7 +411,8 @@ def main(args):
                          "the run folder (--out) must be visible to every node, e.g. on a shared filesystem")
     if ckpt:
         saved = {**LEGACY_ARCH, **ckpt["args"]}
-        changed = {k: (saved.get(k), vars(args).get(k)) for k in ARCH if saved.get(k) != vars(args).get(k)}
+        keys = ARCH if args.task == "seg" else [k for k in ARCH if k not in LEGACY_ARCH]  # det ignores seg's flags
+        changed = {k: (saved.get(k), vars(args).get(k)) for k in keys if saved.get(k) != vars(args).get(k)}
         if changed:
             raise ValueError(f"{last_path}: run folder holds a different model {changed}; use a new --out")
         model.load_state_dict(ckpt["model"])

@@ -99,6 +99,25 @@ def test_resume_refuses_another_token_grid_or_head(tmp_path, change):
     assert change[0][2:].replace("-", "_") in again.stderr
 
 
+def test_detection_resumes_a_checkpoint_from_before_the_seg_flags(tmp_path):
+    # --token-grid and --head are seg RAT's: a det checkpoint written before they existed
+    # must resume, not be refused as "a different model".
+    import os, subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = [sys.executable, "train.py", "--task", "det", "--image-size", "64", "--dim", "32", "--depth", "2",
+              "--heads", "2", "--train-size", "4", "--val-size", "2", "--batch-size", "4", "--workers", "0",
+              "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(common + ["--epochs", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ckpt_last.pt", weights_only=True)
+    for k in ("token_grid", "head"):
+        del ckpt["args"][k]
+    torch.save(ckpt, tmp_path / "ckpt_last.pt")
+    again = subprocess.run(common + ["--epochs", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
+
+
 def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
     # One tiny checkpoint, evaluated with its physical grid and with the pixel grid forced:
     # identical at the training size, different at 4x (where the grids differ).
