@@ -564,26 +564,24 @@ def main():
                 for i in range(n):
                     render(0, i, (size, size))
                 print(f"{name} {size} px: {n / (time.perf_counter() - start):.0f} samples/s")
+    from metrics import seg_scores  # per-image Dice as eval.py scores it (both empty: 1)
+
+    def whole(split, size):  # -> (levels, masks) of a synthetic split, one batch
+        ds = SegDataset("synthetic", split, size)
+        return seg_collate([ds[i] for i in range(len(ds))])
+
     if args.baseline:
-        val = SegDataset("synthetic", "val", args.baseline)
-        levels, masks = seg_collate([val[i] for i in range(len(val))])
-        pred, masks = color_threshold_baseline(levels[0]).flatten(1).float(), masks.flatten(1)
-        both = pred.sum(1) + masks.sum(1)
-        dice = torch.where(both > 0, 2 * (pred * masks).sum(1) / both.clamp_min(1), torch.ones_like(both))
+        levels, masks = whole("val", args.baseline)
+        dice = seg_scores(color_threshold_baseline(levels[0]), masks)[:, 0]
         print(f"colour-threshold baseline, synthetic val, {args.baseline} px: Dice {dice.mean():.3f}")
     if args.resize_ceiling:
         size = args.resize_ceiling
-        test = SegDataset("synthetic", "test", size)
-        _, small = seg_collate([test[i] for i in range(len(test))])
+        _, small = whole("test", size)
         for f in (2, 4):
-            test = SegDataset("synthetic", "test", f * size)
-            _, truth = seg_collate([test[i] for i in range(len(test))])
+            _, truth = whole("test", f * size)
             up = F.interpolate(small, scale_factor=f, mode="bilinear", align_corners=False) > 0.5   # [B, 1, fH, fW]
-            up, truth = up.flatten(1).float(), truth.flatten(1)
-            both = up.sum(1) + truth.sum(1)
-            dice = torch.where(both > 0, 2 * (up * truth).sum(1) / both.clamp_min(1), torch.ones_like(both))
+            dice = seg_scores(up, truth)[:, 0]
             print(f"{size} px ground truth upsampled to {f * size} px, synthetic test: Dice {dice.mean():.3f}")
-
 
 if __name__ == "__main__":
     main()

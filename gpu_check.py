@@ -122,7 +122,7 @@ def cmd_summary(a):
 
 
 def children(pid):
-    """Child process ids of pid (torchrun's workers are its children)."""
+    """Child process ids of pid, in increasing order (torchrun's workers are its children)."""
     found = []
     for entry in os.listdir("/proc"):
         try:
@@ -131,7 +131,7 @@ def children(pid):
                     found.append(int(entry))
         except (OSError, ValueError, IndexError):
             pass
-    return found
+    return sorted(found)
 
 
 def environ(pid):

@@ -220,6 +220,17 @@ def dashed(draw, points, color, width, dash=9, gap=6):
         walked += length
 
 
+def legend(draw, items, top, column):
+    """(label, colour, dashed) entries, four per row from y = top, `column` px apart."""
+    for k, (label, c, dash) in enumerate(items):
+        x, y = 20 + (k % 4) * column, top + 22 * (k // 4)
+        if dash:
+            dashed(draw, [(x, y), (x + 34, y)], c, 2)
+        else:
+            draw.line([(x, y), (x + 34, y)], fill=c, width=3)
+        draw.text((x + 42, y), label, fill="black", font=font(13), anchor="lm")
+
+
 def y_range(entries, resolutions, key):
     values = [e[key, how, r][0] + sign * (e[key, how, r][1] or 0) for e in entries for how in INPUTS
               for r in resolutions for sign in (-1, 1) if e[key, how, r][0] is not None]
@@ -278,16 +289,8 @@ def plot(entries, resolutions, size, labels, path, task):
                            fill=color[e["model"]], width=1)
                 d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color[e["model"]])
     # legend: colours for the models, line styles for the inputs
-    items = [(display(m, task), color[m], False) for m in models] + [
-        ("native input", (60, 60, 60), False), (f"resized to {size} px", lighter((60, 60, 60)), True)]
-    ly = H + 30
-    for k, (label, c, dash) in enumerate(items):
-        lx, y = 20 + (k % 4) * 250, ly + 22 * (k // 4)
-        if dash:
-            dashed(d, [(lx, y), (lx + 34, y)], c, 2)
-        else:
-            d.line([(lx, y), (lx + 34, y)], fill=c, width=3)
-        d.text((lx + 42, y), label, fill="black", font=small, anchor="lm")
+    legend(d, [(display(m, task), color[m], False) for m in models] + [
+        ("native input", (60, 60, 60), False), (f"resized to {size} px", lighter((60, 60, 60)), True)], H + 30, 250)
     img.save(path)
 
 
@@ -335,12 +338,8 @@ def plot_curves(loaded, names, path, task):
             if len(pts) > 1:
                 (dashed(d, pts, color[model], 2) if recipe == "multi" else
                  d.line(pts, fill=color[model], width=3, joint="curve"))
-    items = [(display(m, task), color[m], False) for m in models] + [
-        ("single size", (60, 60, 60), False), ("--train-sizes", (60, 60, 60), True)]
-    for k, (label, c, dash) in enumerate(items):
-        lx, y = 20 + (k % 4) * 230, H + 30 + 22 * (k // 4)
-        (dashed(d, [(lx, y), (lx + 34, y)], c, 2) if dash else d.line([(lx, y), (lx + 34, y)], fill=c, width=3))
-        d.text((lx + 42, y), label, fill="black", font=small, anchor="lm")
+    legend(d, [(display(m, task), color[m], False) for m in models] + [
+        ("single size", (60, 60, 60), False), ("--train-sizes", (60, 60, 60), True)], H + 30, 230)
     img.save(path)
 
 

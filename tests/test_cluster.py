@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from test_faults import children
+from gpu_check import children
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fresh store for every rendezvous round: with torchrun's default (the agent's store, shared

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gpu_check import children  # child process ids from /proc, as the GPU check finds torchrun's workers
 from train import load_checkpoint, save_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,18 +34,6 @@ def assert_clean_error(result, *words):
     assert last.startswith("error: "), result.stderr[-2000:]
     for w in words:
         assert w in last, (w, last)
-
-
-def children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            pass
-    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------------

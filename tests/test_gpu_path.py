@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import train
 from model import build_detector
-from test_faults import children
+from gpu_check import children
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2",

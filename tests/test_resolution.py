@@ -1,11 +1,19 @@
 """Resolution awareness by construction: with ref_size, the first grouping stride follows the
 input's resolution, so every later block sees the token grid (and physical spacing) of training."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import build_seg_model
 from sga import resize_kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("size", [8, 2, 12])
@@ -86,14 +94,11 @@ def test_checkpoints_from_before_the_flags_load_as_they_were_trained(tmp_path):
 def test_resume_refuses_another_token_grid_or_head(tmp_path, change):
     # The same weights load into either grid (and nearly either head): resuming must not
     # silently go on training another model than the one in the run folder.
-    import os, subprocess, sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = [sys.executable, "train.py", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2",
               "--train-size", "8", "--val-size", "2", "--batch-size", "8", "--workers", "0", "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(common + ["--epochs", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(common + ["--epochs", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    again = subprocess.run(common + ["--epochs", "2", *change], cwd=root, env=env, capture_output=True, text=True,
+    again = subprocess.run(common + ["--epochs", "2", *change], cwd=ROOT, env=ENV, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode != 0 and "different model" in again.stderr, again.stderr[-2000:]
     assert change[0][2:].replace("-", "_") in again.stderr
@@ -102,31 +107,25 @@ def test_resume_refuses_another_token_grid_or_head(tmp_path, change):
 def test_detection_resumes_a_checkpoint_from_before_the_seg_flags(tmp_path):
     # --token-grid and --head are seg RAT's: a det checkpoint written before they existed
     # must resume, not be refused as "a different model".
-    import os, subprocess, sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = [sys.executable, "train.py", "--task", "det", "--image-size", "64", "--dim", "32", "--depth", "2",
               "--heads", "2", "--train-size", "4", "--val-size", "2", "--batch-size", "4", "--workers", "0",
               "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(common + ["--epochs", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(common + ["--epochs", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = torch.load(tmp_path / "ckpt_last.pt", weights_only=True)
     for k in ("token_grid", "head"):
         del ckpt["args"][k]
     torch.save(ckpt, tmp_path / "ckpt_last.pt")
-    again = subprocess.run(common + ["--epochs", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(common + ["--epochs", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
 
 
 def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
     # One tiny checkpoint, evaluated with its physical grid and with the pixel grid forced:
     # identical at the training size, different at 4x (where the grids differ).
-    import json, subprocess, sys, os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "train.py", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads",
                           "2", "--epochs", "1", "--train-size", "16", "--val-size", "4", "--batch-size", "8",
-                          "--workers", "0", "--out", str(tmp_path / "run")], cwd=root, env=env, capture_output=True,
+                          "--workers", "0", "--out", str(tmp_path / "run")], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {}
@@ -134,7 +133,7 @@ def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
         out = tmp_path / grid
         ev = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "run" / "ckpt_best.pt"),
                              "--resolutions", "32,128", "--limit", "4", "--samples", "0", "--workers", "0",
-                             "--token-grid", grid, "--out", str(out)], cwd=root, env=env, capture_output=True,
+                             "--token-grid", grid, "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=300)
         assert ev.returncode == 0, ev.stderr[-2000:]
         result = json.loads((out / "results.json").read_text())
