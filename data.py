@@ -557,6 +557,9 @@ def main():
                         help="Dice at 2x and 4x SIZE of the test split's SIZE px ground truth, upsampled as eval.py "
                              "--resize-to-train upsamples logits: the most a model that sees SIZE px can score there")
     args = parser.parse_args()
+    for flag in ("baseline", "resize_ceiling"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive image size, got {getattr(args, flag)}")
     if args.bench:
         for name, render in [("lesions", render_lesion), ("shapes", render_shapes)]:
             for size in (96, 256):

@@ -380,3 +380,14 @@ def test_resize_ceiling_is_below_one():
     assert run.returncode == 0, run.stderr[-2000:]
     dice = [float(v) for v in re.findall(r"Dice ([0-9.]+)", run.stdout)]
     assert len(dice) == 2 and all(0.7 < d < 0.99 for d in dice), run.stdout
+
+
+@pytest.mark.parametrize("flag", ["--resize-ceiling", "--baseline"])
+def test_data_cli_rejects_sizes_below_one(flag):
+    # -4 once printed "upsampled to -16 px ... Dice 1.000"
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "data.py", flag, "-4"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and f"{flag} must be a positive image size, got -4" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "Dice" not in run.stdout
