@@ -30,7 +30,8 @@
 # 32..128 17 s of CPU; eval.py at 32..256 px with the baseline, 200 test images, 60 s of CPU.
 # At 1000 images x 8 epochs: RAT 205 s (single) / 286 s (multi), U-Net ~120 / ~165 s, per
 # run with its evaluation, so 3 seeds x 2250 s / 2 cores = ~56 min (90 min allows ~1.5x).
-# Measured: the 24 RAT runs took 82 min while the detection study ran on the same 2 cores.
+# Measured: the 24 RAT runs took 82 min while the detection study ran on the same 2 cores;
+# retraining the 12 multi-size RAT runs and re-evaluating the 12 single-size ones: 48 min.
 #
 # The detection robustness study (PRESET=robust_det, ablations/robust_det/): the same
 # question for detection, in AP50 (and AP). Models (train.py --task det --model): rat, cnn

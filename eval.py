@@ -43,6 +43,7 @@ from tqdm import tqdm
 from data import (COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, resize,
                   seg_collate)
 from metrics import SEG_METRICS, coco_ap, coco_results_json, score_logits
+from model import set_detector_size
 from train import ARCH, LEGACY_ARCH, autocast, build_model, load_checkpoint
 
 DET_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -66,7 +67,7 @@ def get_args_parser():
                    help="test by default: ckpt_best.pt was selected on val; train (no augmentation) "
                         "against test measures the generalization gap")
     p.add_argument("--token-grid", default=None, choices=["physical", "pixel"],
-                   help="seg RAT: override the checkpoint's token grid (train.py --token-grid), e.g. to see what "
+                   help="RAT: override the checkpoint's token grid (train.py --token-grid), e.g. to see what "
                         "the physical grid buys on the same weights")
     p.add_argument("--resize-to-train", action="store_true",
                    help="add the baseline row at each resolution: the image resized to the training size, the "
@@ -134,18 +135,15 @@ def load_run(path, task):
 
 
 def build_eval_model(train_args, state, r, device, path):
-    # The detector resizes its input to image_size: set it to r so it keeps the test
-    # resolution. No weight depends on it, so the same state dict loads.
-    args = argparse.Namespace(**train_args)
-    if args.task == "det":
-        args.image_size = r
-    model = build_model(args)
+    model = build_model(argparse.Namespace(**train_args))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match the architecture in its args ({str(e).splitlines()[0]})") from None
-    if args.task == "det" and device.type == "cuda":
-        model.backbone.amp_dtype = torch.bfloat16  # as in training: boxes and NMS stay float32
+    if train_args["task"] == "det":
+        set_detector_size(model, r)  # the detector resizes its input to its size: keep the test resolution
+        if device.type == "cuda":
+            model.backbone.amp_dtype = torch.bfloat16  # as in training: boxes and NMS stay float32
     return model.to(device).eval()
 
 

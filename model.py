@@ -13,6 +13,8 @@ Everything works in 1, 2 or 3 spatial dims. Spacing is physical units per pixel;
 by default the field of view is 1, so spacing = 1 / size (DESIGN.md section 1).
 """
 
+import itertools
+import math
 from collections import OrderedDict
 
 import torch
@@ -207,13 +209,51 @@ class RATSeg(nn.Module):
         x = levels[0]
         B, D, P, K = x.shape[0], len(grid), self.backbone.patch, self.num_classes
         y = self.to_pixels(self.norm(y)).reshape(B, *grid, K, *[P] * D)           # [B, *grid, K, *P]
-        perm = [0, D + 1] + [v for d in range(D) for v in (1 + d, D + 2 + d)]
-        y = y.permute(perm).reshape(B, K, *[g * P for g in grid])                  # [B, K, *grid*P]
+        zoom = self.backbone.zoom([s / P for s in stages[0][0][2]])
+        y = cells_to_pixels(y.movedim(1 + D, 1), P, zoom)                          # [B, K, *grid*P]
         y = y[(...,) + tuple(slice(0, n) for n in x.shape[2:])]
         x = (x - 0.5) / 0.25
         if self.head == "linear":
             return y + self.pixels(x)
         return y + self.pixels(torch.cat([x, y.sigmoid()], dim=1))                 # [B, K, *size_0]
+
+
+def cells_to_pixels(y, P, zoom):
+    """[B, K, *grid, *[P]*D] -> [B, K, *grid*P]: each stem token predicts its cell of P^D
+    pixels. Those patterns were learned at the training resolution, where a cell is P
+    training pixels wide; at a zoom f > 1 (DESIGN.md section 8) the same physical extent
+    is Q = round(P f) pixels, so each token lays its pattern out over the Q^D pixels around
+    its cell (nearest-upsampled) and overlapping patterns are averaged: the pattern keeps
+    its physical size instead of shrinking f times into the cell. f <= 1: the plain pixel
+    shuffle of training."""
+    D = (y.dim() - 2) // 2
+    grid, Q = y.shape[2:2 + D], max(P, round(P * zoom))
+    total, count = overlap_add(y, P, Q), overlap_add(torch.ones_like(y[:1, :1]), P, Q)
+    lo = (Q - P) // 2                                         # the patch is centred on its cell
+    keep = (..., *[slice(lo, lo + g * P) for g in grid])
+    return total[keep] / count[keep]
+
+
+def overlap_add(y, P, Q):
+    """Sum of every token's pattern nearest-upsampled to Q^D pixels, patches P pixels apart:
+    [B, K, *grid, *[P]*D] -> [B, K, *(grid + S - 1) * P], S = ceil(Q / P). Pixel r + P c
+    (sub-position r, cell c) gets the pixel at offset r + P s of the patch of token c - s:
+    one shifted token map per offset, then a pixel shuffle (no scatter into the output)."""
+    D = (y.dim() - 2) // 2
+    B, K, grid, S = y.shape[0], y.shape[1], y.shape[2:2 + D], -(-Q // P)
+    subs, sums = [], {}
+    for r in itertools.product(range(P), repeat=D):
+        # (pattern pixel, shift) of each offset; sub-positions with the same list share one sum
+        # (at an integer zoom that is a multiple of P, all of them do)
+        terms = tuple((tuple((rd + P * sd) * P // Q for rd, sd in zip(r, s)), s)
+                      for s in itertools.product(*[range(-(-(Q - rd) // P)) for rd in r]))
+        if terms not in sums:
+            sums[terms] = sum(F.pad(y[(..., *pixel)], [v for sd in reversed(s) for v in (sd, S - 1 - sd)])
+                              for pixel, s in terms)                                        # [B, K, *grid + S - 1]
+        subs.append(sums[terms])
+    z = torch.stack(subs, 2).reshape(B, K, *[P] * D, *[g + S - 1 for g in grid])
+    perm = [0, 1] + [v for d in range(D) for v in (2 + D + d, 2 + d)]               # cell, then sub-position
+    return z.permute(perm).reshape(B, K, *[(g + S - 1) * P for g in grid])
 
 
 class RATBackbone(nn.Module):
@@ -223,23 +263,31 @@ class RATBackbone(nn.Module):
     one image tensor. Set the detector's image_mean 0 and image_std 1: RAT
     normalizes its own input.
 
-    The detector pads its batch to a multiple of 32; the images themselves are
+    On the physical grid (ref_size) the strides zoom with the input as RAT's first grouping
+    stride does, and set_detector_size zooms the anchors with them.
+    The detector pads its batch to a multiple of 32 (and of every stride); the images themselves are
     `image_size` square (min_size = max_size = image_size), so the pyramid and the
     spacing come from that crop, not from the padding, and the feature maps are
     zero-padded back to the padded grid the detector's anchors expect."""
 
-    def __init__(self, scales=(1.0,), image_size=None, **rat):
+    def __init__(self, scales=(1.0,), image_size=None, ref_size=None, **rat):
         super().__init__()
-        self.body = RAT(**rat)
+        self.body = RAT(ref_size=ref_size, **rat)
         self.scales, self.image_size, self.out_channels = tuple(scales), image_size, self.body.dim
         self.amp_dtype = None  # e.g. torch.bfloat16: the backbone alone runs under autocast
-        strides, s = [], self.body.patch
-        for i, st in enumerate(self.body.sgas):
-            s *= st.stride
-            strides.append(s)
+        strides = self.block_strides(ref_size or 1)   # at the training size: no zoom
         # index of the last block at each distinct stride
         self.taps = [i for i in range(len(strides)) if i + 1 == len(strides) or strides[i + 1] != strides[i]]
-        self.strides = [strides[i] for i in self.taps]
+        self.strides = [strides[i] for i in self.taps]   # at the training size
+
+    def block_strides(self, size):
+        """Pixel stride of every block's tokens for a `size` px input (the physical grid
+        zooms the first grouping stride with the input, RAT.zoom)."""
+        strides, s = [], self.body.patch
+        for st in self.body.block_strides([(1.0 / size,) * 2]):
+            s *= st
+            strides.append(s)
+        return strides
 
     def forward(self, x):
         padded = x.shape[2:]
@@ -249,9 +297,9 @@ class RATBackbone(nn.Module):
             levels = [x] + [F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True, align_corners=False)
                             for s in self.scales[1:]]
             stages = self.body(levels)
-        out = OrderedDict()
-        for i, stride in zip(self.taps, self.strides):
-            t, grid, _, _ = stages[i + 1][0]
+        out, strides = OrderedDict(), self.block_strides(x.shape[-1])
+        for i in self.taps:
+            t, grid, stride = *stages[i + 1][0][:2], strides[i]
             t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)             # [B, dim, *grid]
             pad = [(-(-n // stride)) - g for n, g in zip(padded, grid)]
             out[str(i)] = F.pad(t, [0, pad[1], 0, pad[0]])                          # [B, dim, *padded/stride]
@@ -278,7 +326,16 @@ def set_detector_size(detector, size):
     to min_size, and RATBackbone reads the real image out of the padded batch."""
     detector.transform.min_size, detector.transform.max_size = (size,), size
     if isinstance(detector.backbone, RATBackbone):
-        detector.backbone.image_size = size
+        backbone = detector.backbone
+        backbone.image_size = size
+        # FCOS regresses box sides in units of the anchor size: on the physical grid the
+        # anchors grow with the zoom, so that a learned offset keeps its physical length.
+        f = backbone.body.zoom((1.0 / size,) * 2)
+        detector.anchor_generator = anchor_generator([s * f for s in backbone.strides])
+        # The anchor generator infers each map's stride as padded size // map size: the
+        # padding must be a multiple of every stride (a 1.5x zoom gives strides 12 and 24).
+        strides = backbone.block_strides(size)
+        detector.transform.size_divisible = math.lcm(32, *[strides[i] for i in backbone.taps])
 
 
 def conv_block(conv, cin, cout):
@@ -369,8 +426,12 @@ def cnn_detector(width, num_classes, image_size, head_convs, dim):
     return fcos(backbone, [4, 8, 16, 32, 64], [0.5] * 3, [0.25] * 3, num_classes, image_size, head_convs)
 
 
+def anchor_generator(sizes):
+    return AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
+
+
 def fcos(backbone, strides, mean, std, num_classes, image_size, head_convs):
-    anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+    anchors = anchor_generator(strides)
     head = FCOSHead(backbone.out_channels, 1, num_classes + 1, num_convs=head_convs)
     return FCOS(backbone, num_classes + 1, min_size=image_size, max_size=image_size, image_mean=mean,
                 image_std=std, anchor_generator=anchors, head=head)

@@ -37,7 +37,7 @@ from sga import SGA_CHOICES
 # Architecture flags: stored in every checkpoint, so eval.py rebuilds the same model.
 ARCH = ("task", "model", "image_size", "scales", "pe", "sga", "depth", "dim", "heads", "patch", "strides",
         "dropout", "num_classes", "token_grid", "head")
-# What checkpoints from before a flag existed were trained with (both flags are seg RAT's only).
+# What checkpoints from before a flag existed were trained with (--head is seg RAT's only).
 LEGACY_ARCH = {"token_grid": "pixel", "head": "linear"}
 
 
@@ -68,9 +68,9 @@ def get_args_parser():
                    help="seg RAT's pixel head: refine (default), two 3x3 convs at full resolution on the image "
                         "and the coarse prediction; linear, one 3x3 conv on the image (the head before refine)")
     p.add_argument("--token-grid", default="physical", choices=["physical", "pixel"],
-                   help="seg RAT: physical (default) zooms the stem kernel and the first grouping stride with the "
+                   help="RAT: physical (default) zooms the stem kernel and the first grouping stride with the "
                         "input's resolution relative to --image-size, so deep tokens keep their physical spacing at "
-                        "any test resolution; pixel keeps them fixed in pixels")
+                        "any test resolution (det: FCOS's anchors zoom with them); pixel keeps them fixed in pixels")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
@@ -159,9 +159,9 @@ def step_size(args, step):
 def build_model(args):
     rat = dict(dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch, strides=args.strides,
                pe=args.pe, sga=args.sga, dropout=args.dropout)
+    rat["ref_size"] = args.image_size if args.token_grid == "physical" else None
     if args.task == "seg":
-        ref_size = args.image_size if args.token_grid == "physical" else None
-        return build_seg_model(args.model, num_classes=1, ref_size=ref_size, head=args.head, **rat)
+        return build_seg_model(args.model, num_classes=1, head=args.head, **rat)
     return build_detector(args.model, num_classes=args.num_classes, image_size=args.image_size,
                           scales=args.scales, **rat)
 
@@ -411,7 +411,7 @@ def main(args):
                          "the run folder (--out) must be visible to every node, e.g. on a shared filesystem")
     if ckpt:
         saved = {**LEGACY_ARCH, **ckpt["args"]}
-        keys = ARCH if args.task == "seg" else [k for k in ARCH if k not in LEGACY_ARCH]  # det ignores seg's flags
+        keys = ARCH if args.task == "seg" else [k for k in ARCH if k != "head"]  # det ignores the seg head
         changed = {k: (saved.get(k), vars(args).get(k)) for k in keys if saved.get(k) != vars(args).get(k)}
         if changed:
             raise ValueError(f"{last_path}: run folder holds a different model {changed}; use a new --out")

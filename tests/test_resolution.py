@@ -60,6 +60,45 @@ def test_at_the_training_size_nothing_changes():
         assert torch.equal(rat(None)(levels), rat(64)(levels))
 
 
+def test_cell_patterns_keep_their_physical_size():
+    """Each stem token predicts a pattern for its cell of P x P training pixels. At 2x the
+    same cell is 4 x 4 pixels: the pattern must cover it, not shrink into 2 x 2 pixels and
+    repeat at the token period, which is detail that is not in the image."""
+    model = rat(16)
+    with torch.no_grad():
+        model.to_pixels.weight.zero_()
+        model.to_pixels.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))   # cell pattern [[4, 0], [0, 0]]
+    def logits(size):   # the refine head starts at zero: the output is the cells' logits
+        with torch.no_grad():
+            return model([torch.rand(1, 3, size, size), torch.rand(1, 3, size // 2, size // 2)])[0, 0]
+    assert torch.equal(logits(16), torch.tensor([[4.0, 0.0], [0.0, 0.0]]).repeat(8, 8))   # as trained
+    at2x = logits(32)
+    assert torch.allclose(at2x[1:-1, 1:-1], torch.tensor(1.0))   # inside: 4 overlapping cells, their mean
+    # the image's corner pixel lies in the first token's patch alone
+    assert torch.equal(at2x[:2, :2], torch.tensor([[4.0, 2.0], [2.0, 1.0]]))
+
+
+@pytest.mark.parametrize("D,P,zoom", [(1, 2, 3.0), (2, 2, 1.0), (2, 2, 1.5), (2, 4, 2.0), (2, 2, 0.5), (3, 2, 2.0)])
+def test_cells_to_pixels_is_the_overlap_average_of_upsampled_patterns(D, P, zoom):
+    # Oracle: every token writes its pattern, nearest-upsampled to Q = round(P f) pixels per
+    # dim and centred on its cell, into an accumulator; each pixel is the mean of what it got.
+    import itertools
+    from model import cells_to_pixels
+    torch.manual_seed(0)
+    grid = (3, 4, 2)[:D]
+    y = torch.randn(2, 3, *grid, *[P] * D)
+    Q = max(P, round(P * zoom))
+    lo = (Q - P) // 2
+    total, count = torch.zeros(2, 3, *[g * P for g in grid]), torch.zeros([g * P for g in grid])
+    for t in itertools.product(*[range(g) for g in grid]):
+        for o in itertools.product(range(Q), repeat=D):
+            p = [ti * P - lo + oi for ti, oi in zip(t, o)]
+            if all(0 <= pi < g * P for pi, g in zip(p, grid)):
+                total[(..., *p)] += y[(slice(None), slice(None), *t, *[oi * P // Q for oi in o])]
+                count[tuple(p)] += 1
+    assert torch.allclose(cells_to_pixels(y, P, zoom), total / count, atol=1e-5)
+
+
 def test_train_builds_the_physical_grid_by_default():
     import train
     def built(*flags):
@@ -104,9 +143,10 @@ def test_resume_refuses_another_token_grid_or_head(tmp_path, change):
     assert change[0][2:].replace("-", "_") in again.stderr
 
 
-def test_detection_resumes_a_checkpoint_from_before_the_seg_flags(tmp_path):
-    # --token-grid and --head are seg RAT's: a det checkpoint written before they existed
-    # must resume, not be refused as "a different model".
+def test_detection_resumes_a_checkpoint_from_before_the_flags_on_its_own_grid(tmp_path):
+    # --head is seg RAT's: a det checkpoint written before the flags existed resumes whatever
+    # --head says. It was trained on the pixel grid, so it resumes with --token-grid pixel, and
+    # the physical default (another detector off the training size) is refused by name.
     common = [sys.executable, "train.py", "--task", "det", "--image-size", "64", "--dim", "32", "--depth", "2",
               "--heads", "2", "--train-size", "4", "--val-size", "2", "--batch-size", "4", "--workers", "0",
               "--out", str(tmp_path)]
@@ -117,7 +157,45 @@ def test_detection_resumes_a_checkpoint_from_before_the_seg_flags(tmp_path):
         del ckpt["args"][k]
     torch.save(ckpt, tmp_path / "ckpt_last.pt")
     again = subprocess.run(common + ["--epochs", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "token_grid" in again.stderr and "head" not in again.stderr, again.stderr[-2000:]
+    again = subprocess.run(common + ["--epochs", "2", "--token-grid", "pixel", "--head", "linear"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
+
+
+def test_detector_keeps_the_training_grid_and_box_units_at_any_size():
+    # The physical grid for FCOS: at 2x the training size the feature maps keep the training
+    # grid, and the anchors (FCOS's unit for box offsets) double, so that a learned offset
+    # keeps its physical length. The pixel grid keeps both in pixels.
+    import train
+    from model import set_detector_size
+    def detector(*flags):
+        args = train.fill_defaults(train.get_args_parser().parse_args(
+            ["--task", "det", "--image-size", "32", "--dim", "32", "--heads", "2", *flags]))
+        args.num_classes = 3
+        return train.build_model(args).eval()
+    def maps(det, size):
+        set_detector_size(det, size)
+        with torch.no_grad():
+            feats = det.backbone(torch.rand(1, 3, size, size))
+        return [tuple(f.shape[2:]) for f in feats.values()], [s[0] for s in det.anchor_generator.sizes]
+    physical, pixel = detector(), detector("--token-grid", "pixel")
+    assert maps(physical, 32) == maps(pixel, 32) == ([(4, 4), (2, 2)], [8, 16])
+    assert maps(physical, 64) == ([(4, 4), (2, 2)], [16, 32])
+    assert maps(pixel, 64) == ([(8, 8), (4, 4)], [8, 16])
+    with torch.no_grad():
+        boxes = physical([torch.rand(3, 64, 64)])[0]["boxes"]   # the whole detector runs at 2x
+    assert boxes.shape[1] == 4 and bool((boxes <= 64).all())
+    # 1.5x: strides 12 and 24, which the usual padding to 32 px does not divide
+    set_detector_size(physical, 48)
+    with torch.no_grad():
+        images, _ = physical.transform([torch.rand(3, 48, 48)])
+        feats = list(physical.backbone(images.tensors).values())
+        anchors = physical.anchor_generator(images, feats)[0]
+    for feat, stride in zip(feats, (12, 24)):
+        centres = (anchors[:feat.shape[-1], 0] + anchors[:feat.shape[-1], 2]) / 2   # the first row of this map
+        anchors = anchors[feat.shape[-2] * feat.shape[-1]:]
+        assert torch.allclose(centres.diff(), torch.tensor(float(stride))), (stride, centres)
 
 
 def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
