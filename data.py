@@ -579,13 +579,16 @@ def main():
         dice = seg_scores(color_threshold_baseline(levels[0]), masks)[:, 0]
         print(f"colour-threshold baseline, synthetic val, {args.baseline} px: Dice {dice.mean():.3f}")
     if args.resize_ceiling:
+        def test_masks(size, pool=1):  # [B, 1, size / pool, ...] area-averaged, one image at a time
+            test = SegDataset("synthetic", "test", size)   # (the 8x renders' images would not fit whole)
+            return torch.stack([F.avg_pool2d(test[i][1], pool) for i in range(len(test))])
+
         size = args.resize_ceiling
         # Not the SIZE px binary mask: a perfect model's probability is each pixel's lesion
         # coverage, which places the boundary inside the pixel (here from an 8x finer render).
-        _, fine = whole("test", 8 * size)
-        coverage = F.avg_pool2d(fine.float(), 8)                                               # [B, 1, H, W]
+        coverage = test_masks(8 * size, 8)                                                     # [B, 1, H, W]
         for f in (2, 4):
-            _, truth = whole("test", f * size)
+            truth = test_masks(f * size)
             up = F.interpolate(coverage, scale_factor=f, mode="bilinear", align_corners=False) > 0.5  # [B, 1, fH, fW]
             dice = seg_scores(up, truth)[:, 0]
             print(f"perfect {size} px prediction (lesion coverage) upsampled to {f * size} px, synthetic test: "
