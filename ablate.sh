@@ -1,70 +1,41 @@
 #!/usr/bin/env bash
-# Component study of RAT: one change at a time from the default model, several seeds
-# each, one table (ablations/<preset>/results.md and results.csv) that answers:
-#   does multi-resolution input help   scales   1 | 1,0.5 (default) | 1,0.5,0.25
-#   what do RoSE and SGA contribute    pe       rose (default) | rope | absolute | none
-#                                      sga      local (default) | dense | none
-#   which depth and width              depth    2 | 4 (default) | 6 | 8
-#                                      dim      DIM/2 | DIM (default) | 3*DIM/2
-#   a baseline                         unet     the U-Net of model.py, same head and loss
-#   how robust to the test resolution  every run is evaluated (eval.py, test split) at
-#                                      0.5x, 1x and 2x its training size; the default
-#                                      (rose) also with --ignore-spacing.
+# Studies of RAT: trains every variant of a preset for several seeds, evaluates each run
+# (eval.py, test split) at several resolutions, and writes one table: OUT/results.md and
+# results.csv (tools/ablate_table.py, or tools/robust_table.py for the robust presets; run
+# either alone to rebuild the table from the run folders).
 #
-#   bash ablate.sh                       # preset "cpu": synthetic data, 2 CPU cores, ~50 min
-#   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh      # ISIC 2018 on GPUs
-#   PRESET=robust bash ablate.sh         # the resolution robustness study (below), ~1 h
-#   PRESET=robust_det bash ablate.sh     # the same for detection (below), ~40-70 min
-#
-# The resolution robustness study (PRESET=robust, ablations/robust/): can a model hold its
-# Dice from 0.5x to 4x its training size, and does it beat resizing the image to the
-# training size (DESIGN.md section 8)? Models: RAT with --pe rose | rope | absolute | none,
-# and the U-Net. Recipes: single (trained at IMAGE_SIZE) and multi (--train-sizes
-# TRAIN_SIZES, default 0.5x,0.75x,1x,1.5x,2x IMAGE_SIZE, one size per step; validated at
-# IMAGE_SIZE); variants rose_single, rose_multi, ..., unet_multi. Every run is evaluated
-# at 0.5x, 1x, 2x and 4x IMAGE_SIZE with eval.py --resize-to-train. robust_table.py writes
-# results.md, results.csv (mean ± std of Dice over seeds per model x recipe x input x test
-# resolution) and dice_vs_resolution.png.
-# Time on this 2-core CPU, nothing else running: 30 runs, two at a time, one thread each.
-# Measured: a RAT epoch (600 images, 64 px) 11 s (the cpu preset); with --train-sizes
-# 32..128 17 s of CPU; eval.py at 32..256 px with the baseline, 200 test images, 60 s of CPU.
-# At 1000 images x 8 epochs: RAT 205 s (single) / 286 s (multi), U-Net ~120 / ~165 s, per
-# run with its evaluation, so 3 seeds x 2250 s / 2 cores = ~56 min (90 min allows ~1.5x).
-# Measured: the 24 RAT runs took 82 min while the detection study ran on the same 2 cores;
-# retraining the 12 multi-size RAT runs and re-evaluating the 12 single-size ones: 48 min.
-#
-# The detection robustness study (PRESET=robust_det, ablations/robust_det/): the same
-# question for detection, in AP50 (and AP). Models (train.py --task det --model): rat, cnn
-# (a plain CNN + FPN sized to about RAT's parameter count) and resnet (ResNet-18 + FPN, a
-# reference with many more parameters); recipes single and multi as above (TRAIN_SIZES
-# default 0.5x..2x IMAGE_SIZE: 64,96,128,192,256; train.py takes det sizes down to 8 px);
-# variants rat_single, rat_multi, cnn_single, ..., resnet_multi. Every run is evaluated at
-# 0.75x, 1x, 1.5x and 2x IMAGE_SIZE (96..256 px) with eval.py --resize-to-train;
-# robust_table.py writes results.md, results.csv and ap50_vs_resolution.png. One seed by
-# default (SEEDS=0): a det training takes minutes here.
-# Time on this 2-core CPU: 71 min for the 6 runs measured one at a time (JOBS=1) while the
-# segmentation study shared the CPU (RAT 473 s single / 706 s multi, small CNN 282 / 472 s,
-# ResNet-18 834 / 991 s of training, ~1.5 min of evaluation each); two at a time on a quiet
-# machine should take about half that.
+#   bash ablate.sh                                              # preset cpu
+#   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh  # ISIC 2018 on GPUs
+#   PRESET=robust bash ablate.sh                                # resolution robustness, seg
+#   PRESET=robust_det bash ablate.sh                            # resolution robustness, det
+#   PRESET=tiny VARIANTS=default,pe_none SEEDS=0 bash ablate.sh # a smoke test
 #
 # Presets (PRESET=...):
-#   cpu   (default) synthetic data, 64 px, 600 train / 100 val, 6 epochs, batch 16,
-#         dim 64, depth 4, heads 4, patch 2; two trainings at a time, one thread each.
-#   full  DATA=isic, 256 px, all images, 10 epochs, batch 16, dim 128, depth 4, heads 8,
-#         patch 4, lr 1e-4, dropout 0.1; one training at a time over NPROC GPUs (torchrun).
-#   tiny  a smoke test (seconds per run): 32 px, 16 train / 4 val, 1 epoch, dim 16.
-#   robust the resolution robustness study (above): synthetic data, 64 px, 1000 train /
-#         100 val, 8 epochs, batch 16, dim 64, depth 4, heads 4, patch 2; 200 test images;
-#         two trainings at a time, one thread each.
-#   robust_det  the detection robustness study (above): --task det, synthetic data, 128 px,
-#         1000 train / 100 val, 6 epochs, batch 16, lr 1e-3, dim 64, depth 4, heads 4,
-#         patch 4 (train.py's det defaults but for size and epochs); 200 test images; seed 0
-#         only; two trainings at a time, one thread each. DIM must be a multiple of 32.
+#   cpu   (default) the component study: one change at a time from the default model
+#         (variants default, scales_1, scales_1_0.5_0.25, pe_rope|absolute|none, sga_dense|
+#         none, depth_2|6|8, dim_DIM/2, dim_3*DIM/2, unet), evaluated at 0.5x, 1x, 2x
+#         IMAGE_SIZE, the default also with --ignore-spacing. Synthetic data, 64 px, 600
+#         train / 100 val, 6 epochs, batch 16, dim 64, depth 4, heads 4, patch 2.
+#   full  the component study on DATA=isic, 256 px, all images, 10 epochs, batch 16, dim 128,
+#         depth 4, heads 8, patch 4, lr 1e-4, dropout 0.1; one training at a time over NPROC
+#         GPUs (torchrun).
+#   tiny  the component study at 32 px, 16 train / 4 val, 1 epoch, dim 16.
+#   robust  RAT with --pe rose|rope|absolute|none and the U-Net, each trained at IMAGE_SIZE
+#         (<model>_single) and at TRAIN_SIZES (<model>_multi, default 0.5x,0.75x,1x,1.5x,2x
+#         IMAGE_SIZE, one size per step), evaluated at 0.5x, 1x, 2x, 4x IMAGE_SIZE natively
+#         and resized to IMAGE_SIZE (eval.py --resize-to-train). Synthetic data, 64 px, 1000
+#         train / 100 val, 8 epochs, batch 16, dim 64, depth 4, heads 4, patch 2; writes
+#         dice_vs_resolution.png too.
+#   robust_det  the same for detection (--task det, AP50 and AP): models rat, cnn (CNN + FPN
+#         of about RAT's parameter count), resnet (ResNet-18 + FPN); evaluated at 0.75x, 1x,
+#         1.5x, 2x IMAGE_SIZE. 128 px, 1000 train / 100 val, 6 epochs, batch 16, dim 64, depth 4,
+#         heads 4, patch 4, seed 0 only; DIM a multiple of 32; writes ap50_vs_resolution.png.
+#   cpu, robust and robust_det run two trainings at a time, tiny one, one thread each.
 # Any of these env vars overrides the preset's value:
 #   DATA DATA_DIR IMAGE_SIZE TRAIN_SIZE VAL_SIZE TEST_LIMIT EPOCHS BATCH_SIZE LR DROPOUT
 #   DIM DEPTH HEADS PATCH SEEDS (comma-separated) NPROC (processes per training)
 #   JOBS (trainings at a time) THREADS (OMP_NUM_THREADS per process) WORKERS
-#   OUT (default ablations/<preset>) VARIANTS (comma-separated subset of the names below)
+#   OUT (default ablations/<preset>) VARIANTS (comma-separated subset of the names above)
 #   TRAIN_SIZES (robust, robust_det: the multi recipe's --train-sizes)
 #
 # Each run lives in OUT/runs/<variant>_s<seed>/ (train.py's run folder, plus eval/ and,
@@ -72,8 +43,7 @@
 # study resumes where it stopped (train.py resumes from ckpt_last.pt). A training that
 # runs out of memory leaves does_not_fit.txt and is reported as such (delete the file to
 # retry); any other failure leaves failed.txt, the study goes on, and the script exits 1
-# at the end (failed runs are retried on the next call). The table is written last, by
-# ablate_table.py (run it alone to rebuild the table from the run folders).
+# at the end (failed runs are retried on the next call).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -137,7 +107,7 @@ COMPONENT_VARIANTS=(
   "dim_$((DIM * 3 / 2))|--dim $((DIM * 3 / 2))"
   "unet|--model unet"
 )
-TABLE=(python ablate_table.py)
+TABLE=(python tools/ablate_table.py)
 RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2))
 EVAL_FLAGS=()
 if [[ $PRESET == robust || $PRESET == robust_det ]]; then
@@ -156,7 +126,7 @@ if [[ $PRESET == robust || $PRESET == robust_det ]]; then
     ALL_VARIANTS+=("${entry%%|*}_single|${entry#*|}" "${entry%%|*}_multi|${entry#*|} --train-sizes $TRAIN_SIZES")
   done
   EVAL_FLAGS=(--resize-to-train)  # the baseline row: resized to IMAGE_SIZE and back
-  TABLE=(python robust_table.py)
+  TABLE=(python tools/robust_table.py)
 else
   ALL_VARIANTS=("${COMPONENT_VARIANTS[@]}")
 fi

@@ -1,12 +1,13 @@
-"""Benchmarks: scaling, baselines, utilization, data, distributed, compile, the SGA speed-up, peers, GPU.
+"""Benchmarks: scaling, baselines, utilization, data, distributed, threads, compile.
 
-    python bench.py                          # everything (~20 min on 2 CPU cores), markdown to stdout
-    python bench.py --write                  # ... and to BENCHMARKS.md
+    python bench.py                          # every section, markdown to stdout
+    python bench.py --write                  # ... and into BENCHMARKS.md (its other sections are kept)
     python bench.py --quick                  # tiny sizes: a smoke test
     python bench.py --only scaling,baseline  # some sections (with --write: only those sections of the file change)
 
 The sections `peers` (the published RAT, timm's Swin and ViT: `pip install -r
-requirements-bench.txt`) and `gpu` (skipped without CUDA) live in bench_peers.py.
+requirements-bench.txt`) and `gpu` (skipped without CUDA) are tools/bench_peers.py's,
+which builds on this module (`python tools/bench_peers.py --only peers,gpu --write`).
 
 Things compared are timed interleaved in one process (min over repeats), so that
 a shared machine slows them alike; ratios are the numbers to read. Peak memory:
@@ -19,21 +20,22 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile", "optim", "peers", "gpu")
-PEER_SECTIONS = ("peers", "gpu")                      # in bench_peers.py, imported only when run
+import metrics
+from data import atomic_open
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile")
 RAT = dict(dim=128, depth=4, heads=8)                 # the model under test: default patch and strides
 SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLOP_OPS = ("mm", "addmm", "bmm", "convolution", "convolution_backward", "_scaled_dot_product")
@@ -45,11 +47,6 @@ def log(*a):
 
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def levels(size, batch=2, D=2, scales=(1.0,)):
@@ -78,18 +75,8 @@ def timed(fns, reps):
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            sync()
-            t = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(metrics.timed(f, device())[1])
     return {k: min(v) for k, v in times.items()}
-
-
-def peak_mib():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # KiB on Linux
 
 
 def table(header, rows):
@@ -112,28 +99,19 @@ def flops(model, x):
     return {str(op).split(".")[-1]: n for op, n in fc.get_flop_counts()["Global"].items()}
 
 
-def worker(spec, threads):
-    """Runs one measurement in this (fresh) process; prints RESULT <json>."""
+def worker(spec, threads, workers):
+    """Runs one measurement, workers[spec["kind"]], in this (fresh) process; prints RESULT <json>."""
     torch.set_num_threads(threads)
-    kind = spec.pop("kind")
-    if kind == "dist":
-        return dist_worker(**spec)
-    workers = {"scale": scale_worker, "dense": dense_worker, "step": step_worker, "compile": compile_worker}
-    if kind not in workers:
-        from bench_peers import WORKERS as workers
-    print("RESULT " + json.dumps(workers[kind](**spec)), flush=True)
+    r = workers[spec.pop("kind")](**spec)
+    if r is not None:                                   # dist_worker prints its own (rank 0)
+        print("RESULT " + json.dumps(r), flush=True)
 
 
-def section(name):
-    """sec_<name>: here, or in bench_peers.py for the peers and gpu sections."""
-    if name in PEER_SECTIONS:
-        import bench_peers
-        return getattr(bench_peers, f"sec_{name}")
-    return globals()[f"sec_{name}"]
-
-
-def run_worker(spec, args, timeout=900, env=None, nproc=0):
-    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--worker", json.dumps(spec)]
+def run_worker(spec, args, timeout=900, env=None, nproc=0, script=None):
+    """The measurement `spec` in a fresh process: `script --worker spec` (default this file; a script
+    built on this module, such as tools/bench_peers.py, passes its own for its workers)."""
+    script = os.path.abspath(script or __file__)
+    cmd = [sys.executable, script, "--threads", str(args.threads), "--worker", json.dumps(spec)]
     if nproc:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     try:
@@ -154,12 +132,12 @@ def run_worker(spec, args, timeout=900, env=None, nproc=0):
 # ------------------------------------------------------------------------ scaling
 def scale_worker(size, D, batch, dim, reps, strides=None, ref_size=None):
     model, x = seg(dim=dim, spatial_dims=D, strides=strides, ref_size=ref_size), levels(size, batch, D)
-    before = peak_mib()
+    mark = metrics.memory_mark(device())
     with torch.no_grad():
         model(x)
-    fwd_mem = peak_mib() - before
+    fwd_mem = metrics.memory_growth_mib(device(), mark)
     train_step(model, x)
-    mem = peak_mib() - before
+    mem = metrics.memory_growth_mib(device(), mark)
     with torch.no_grad():
         t = timed({"fwd": lambda: model(x)}, reps)
     t.update(timed({"train": lambda: train_step(model, x)}, reps))
@@ -426,13 +404,9 @@ def dist_worker(size, batch, steps):
     dist.barrier()
     per_step = (time.perf_counter() - t) / steps
     grads = torch.zeros(sum(p.numel() for p in model.parameters()), device=device())
-    sync()
-    t = time.perf_counter()
-    for _ in range(5):
-        dist.all_reduce(grads)
-    sync()
+    _, seconds = metrics.timed(lambda: [dist.all_reduce(grads) for _ in range(5)], device())
     if rank == 0:
-        print("RESULT " + json.dumps({"step": per_step, "allreduce": (time.perf_counter() - t) / 5,
+        print("RESULT " + json.dumps({"step": per_step, "allreduce": seconds / 5,
                                       "mib": grads.numel() * 4 / 2 ** 20}), flush=True)
     dist.destroy_process_group()
 
@@ -528,117 +502,39 @@ def sec_compile(a):
     return md, {}
 
 
-# ------------------------------------------------------------------------ before/after
-def modules_at(rev):
-    """model, sga, rose as they were at a git revision, as a separate `model` module."""
-    here, saved = os.path.dirname(os.path.abspath(__file__)), {k: sys.modules.get(k) for k in ("rose", "sga", "model")}
-    try:
-        for name in ("rose", "sga", "model"):
-            src = subprocess.run(["git", "-C", here, "show", f"{rev}:{name}.py"], capture_output=True, text=True,
-                                 check=True).stdout
-            sys.modules[name] = mod = types.ModuleType(name)
-            exec(compile(src, f"{rev}:{name}.py", "exec"), mod.__dict__)
-        return sys.modules["model"]
-    finally:
-        for k, v in saved.items():
-            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
-
-
-def sec_optim(a):
-    try:
-        old = modules_at(a.before_rev)
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        return f"Skipped: cannot read sga.py / rose.py at {a.before_rev} ({e}).", {}
-    rows = []
-    for D, n, batch in ((2, 64, 2), (3, 16, 1)) if a.quick else ((2, 512, 2), (2, 1024, 2), (3, 64, 1)):
-        log(f"before/after {D}D {n}")
-        new = seg("rat", spatial_dims=D, head="linear")   # the head of before: this compares sga.py and rose.py
-        torch.manual_seed(0)
-        before = old.RATSeg(spatial_dims=D, **RAT).to(device())
-        before.load_state_dict(new.state_dict())
-        x = levels(n, batch, D)
-        diff = (before(x) - new(x)).abs().max().item()
-        t = timed({"before": lambda: train_step(before, x), "after": lambda: train_step(new, x)}, a.reps)
-        rows.append([f"{D}D {n}^{D} x{batch}", f"{t['before'] * 1e3:.0f}", f"{t['after'] * 1e3:.0f}",
-                     f"{t['after'] / t['before']:.2f}", f"{diff:.1e}"])
-    return (f"RAT training step (forward+backward) with sga.py and rose.py at `{a.before_rev}` (before) and now "
-            f"(after), same weights, interleaved:\n\n"
-            + table(["input", "before ms", "after ms", "after / before", "max output diff"], rows)), {}
-
-
-# ------------------------------------------------------------------------ report
-def verdicts(m):
-    rows, notes = [], []
-    s = m.get("scaling")
-    for label in ("2D", "2D, strides 8,2,1,1", "2D, physical grid (ref 256)"):
-        e = s and s["fits"].get((label, 256))
-        if e:
-            ok = e["train"] <= 1.1 and e["mem"] <= 1.1
-            which = "pixel grid, default strides" if label == "2D" else label[4:]
-            rows.append([f"1. time and memory exponent <= 1.1, 256 to 1024 px ({which})",
-                         f"train time {e['train']:.3f}, memory {e['mem']:.3f} (FLOPs {e['flops']:.3f})",
-                         "met" if ok else "**not met**"])
-    big = s and s["res"].get(("2D", 1024))
-    if big and "error" not in big and rows and "not" in rows[0][2]:
-        small, slow = s["bandwidth"]
-        notes.append(
-            f"Target 1: at 1024 px the first block's global attention runs over 4096 tokens per level and is "
-            f"{100 * big['attn'] / big['flops']:.0f}% of the FLOPs ({100 * big['attn_time']:.0f}% of the time): "
-            f"quadratic. `--strides 8,2,1,1` (same output stride, 4x fewer tokens in the first attention) brings the "
-            f"FLOP exponent to {s['fits'].get(('2D, strides 8,2,1,1', 256), {}).get('flops', float('nan')):.2f}. "
-            f"What remains is the memory hierarchy: half the time is memory-bound ops, whose cost per element "
-            f"grows once activations outgrow the caches (copy {small:.0f} GB/s on 16 MiB, {slow:.0f} GB/s on 256 MiB; "
-            f"see the per-op growth tables under scaling). Fixes: fewer passes over activations (fused kernels, "
-            f"e.g. torch.compile on GPU; on this CPU it did not pay off, see compile), or windowed attention in "
-            f"the first block for very large inputs.")
-    if "baseline" in m:
-        r = max(m["baseline"]["unet"].values())
-        rows.append(["2. RAT step <= 2x U-Net step", "RAT / U-Net " + ", ".join(
-            f"{v:.2f} at {k} px" for k, v in m["baseline"]["unet"].items()), "met" if r <= 2 else "**not met**"])
-    r512 = s and s["res"].get(("2D", 512))
-    if r512 and "error" not in r512:
-        rows.append(["3. 512x512 x2 forward+backward in 8 GB", f"{r512['mem'] / 1024:.2f} GiB peak RSS growth",
-                     "met" if r512["mem"] < 8192 else "**not met**"])
-    if "util" in m:
-        u = m["util"]
-        rows.append(["4. FLOP/s against matmul peak", f"{u['achieved'] / 1e9:.1f} / {u['peak'] / 1e9:.1f} GFLOP/s = "
-                     f"{100 * u['util']:.0f}%", "reported"])
-        notes.append(f"Target 4: held back by {u['held']}.")
-    if not rows:
-        return "No target measured in these sections."
-    return table(["target", "measured", "verdict"], rows) + "".join("\n\n" + n for n in notes)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(sections, workers, script, doc, add_args=None, quick_skips=()):
+    """The command line of a benchmark script (this one, tools/bench_peers.py): runs sections
+    {name: sec_<name>(args) -> (markdown, measurements)} and prints the markdown; --write puts each
+    section into BENCHMARKS.md, keeping the file's other sections; --worker runs one of `workers`
+    (run_worker's fresh processes). quick_skips: sections --quick leaves out unless named."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    p.add_argument("--only", default=None, help=f"comma-separated sections of {','.join(SECTIONS)} "
-                   "(default: all; with --quick all but compile, which takes minutes whatever the size)")
+    p.add_argument("--only", default=None, help=f"comma-separated sections of {','.join(sections)} (default: all"
+                   + (f"; with --quick all but {','.join(quick_skips)}, which takes minutes whatever the size)"
+                      if quick_skips else ")"))
     p.add_argument("--reps", type=int, default=None, help="timed repeats per measurement (min is kept)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable on a shared machine)")
-    p.add_argument("--before-rev", default="1bee64e", help="git revision of sga.py/rose.py for the before/after")
-    p.add_argument("--compile-depth", type=int, default=1, help="RAT depth for the torch.compile measurement")
-    p.add_argument("--compile-timeout", type=int, default=400, help="seconds allowed to compile and time it")
-    p.add_argument("--gpu-budget", type=int, default=270, help="seconds for the whole gpu section (compiles included)")
-    p.add_argument("--gpu-dry-run", action="store_true", help="gpu section: run its code on the CPU at 32-64 px")
-    p.add_argument("--write", action="store_true", help="also write BENCHMARKS.md (atomically; with --only, "
-                   "only those sections of it)")
+    p.add_argument("--write", action="store_true", help="also write these sections into BENCHMARKS.md (atomically; "
+                   "its other sections are kept)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    if add_args:
+        add_args(p)
     a = p.parse_args()
     if a.worker:
-        return worker(json.loads(a.worker), a.threads)
+        return worker(json.loads(a.worker), a.threads, workers)
     torch.set_num_threads(a.threads)
     a.reps = a.reps or (1 if a.quick else 3)
-    only = [s for s in (a.only or ",".join(s for s in SECTIONS if not (a.quick and s == "compile"))).split(",") if s]
-    if set(only) - set(SECTIONS):
-        p.error(f"unknown sections {sorted(set(only) - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
-    t0, parts, metrics, took = time.time(), {}, {}, {}
-    for name in SECTIONS:
+    only = [s for s in (a.only or ",".join(s for s in sections if not (a.quick and s in quick_skips))).split(",")
+            if s]
+    if set(only) - set(sections):
+        p.error(f"unknown sections {sorted(set(only) - set(sections))}; choose from {','.join(sections)}")
+    t0, parts, took = time.time(), {}, {}
+    for name, run in sections.items():
         if name in only:
             took[name] = time.time()
-            md, metrics[name] = section(name)(a)
-            parts[name], took[name] = md, time.time() - took[name]
-    cmd = ("python bench.py " + " ".join(sys.argv[1:])).strip()
+            parts[name] = run(a)[0]
+            took[name] = time.time() - took[name]
+    cmd = (f"python {os.path.relpath(os.path.abspath(script), ROOT)} " + " ".join(sys.argv[1:])).strip()
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
@@ -647,20 +543,30 @@ def main():
     # the load says how much other work shared the machine (timings on a shared machine are noisy)
     stamp = lambda s: (f"Command: `{cmd}` ({s:.0f} s, {time.strftime('%Y-%m-%d')}, load average "
                        f"{os.getloadavg()[2]:.1f} over the last 15 min)  \nMachine: {machine}.\n\n")
-    head = f"# Benchmarks\n\n{stamp(time.time() - t0)}## targets\n\n{verdicts(metrics)}\n"
+    head = f"# Benchmarks\n\n{stamp(time.time() - t0).rstrip()}\n"
     out = "\n".join([head] + [f"## {k}\n\n{v}\n" for k, v in parts.items()])
     print(out)
     if a.write:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md")
-        if set(only) != set(SECTIONS) and os.path.exists(path):
-            # some sections: replace those (each with its command) and keep the rest of the file
-            new = {k: stamp(took[k]) + v for k, v in parts.items()}
-            if {"scaling", "baseline", "util"} & set(only):
-                new["targets"] = verdicts(metrics)
-            out = merge_sections(open(path).read(), new)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+        path = os.path.join(ROOT, "BENCHMARKS.md")
+        if os.path.exists(path):
+            # replace these sections (each with its command) and keep the rest of the file
+            out = merge_sections(open(path).read(), {k: stamp(took[k]) + v for k, v in parts.items()})
+        with atomic_open(path, "w") as f:
             f.write(out)
-        os.replace(f.name, path)
+
+
+WORKERS = {"scale": scale_worker, "dense": dense_worker, "step": step_worker, "compile": compile_worker,
+           "dist": dist_worker}
+
+
+def add_compile_args(p):
+    p.add_argument("--compile-depth", type=int, default=1, help="RAT depth for the torch.compile measurement")
+    p.add_argument("--compile-timeout", type=int, default=400, help="seconds allowed to compile and time it")
+
+
+def main():
+    cli({name: globals()[f"sec_{name}"] for name in SECTIONS}, WORKERS, __file__, __doc__, add_compile_args,
+        quick_skips=("compile",))
 
 
 def merge_sections(old, new):

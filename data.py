@@ -5,10 +5,11 @@ sizes are (H, W). The field of view of every image is 1.0, so the spacing of a l
 1 / its size and the model derives it from the level's shape. The synthetic scenes are
 rendered by synthetic.py, at each pyramid level's own size.
 
-Colour-threshold baseline on the synthetic val split (`python data.py --baseline 96`):
-    Dice 0.46 at 96 px (0.45 at 64, 0.48 at 256), while a 0.4M-parameter U-Net trained
-    3 minutes on that CPU at 64 px reached Dice 0.96: colour alone doesn't solve it, shape does.
+`python data.py --baseline SIZE` scores the colour-threshold baseline on the synthetic val
+split (how far colour alone goes).
 """
+import contextlib
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from synthetic import AUGMENT_STREAM, SHAPE_CLASSES, as_hw, draw_lesion, lesion_scene, render_lesion, render_shapes
+from synthetic import AUGMENT_STREAM, SHAPE_CLASSES, as_hw, draw_lesion, lesion_scene, render_shapes
 
 # Synthetic splits are consecutive blocks of scene indices: train, val, test.
 N_TRAIN, N_VAL, N_TEST = 2000, 200, 200
@@ -47,6 +48,14 @@ def parse_scales(text):
 def level_sizes(size, scales):
     h, w = as_hw(size)
     return [(max(1, round(h * s)), max(1, round(w * s))) for s in scales]
+
+
+def check_size(size, scales, patch, flag):
+    """RAT's stem needs at least one patch of real pixels on every pyramid level."""
+    coarsest = min(level_sizes(size, scales)[-1])
+    if coarsest < patch:
+        raise ValueError(f"{flag}: {size} is too small for this model: its coarsest pyramid level would be {coarsest} px, "
+                         f"below the stem patch of {patch} px")
 
 
 def _scene_index(split, i):
@@ -77,14 +86,21 @@ class SegDataset(torch.utils.data.Dataset):
     original_masks (ISIC, no augmentation): the mask is instead the original ground truth,
     bool [1, H0, W0] at the image's own size, read per sample, for scoring as the ISIC
     challenge does (metrics.score_logits resizes the prediction back to it).
+    with_masks=False: the mask is instead the sample's index (a 0-d tensor), for a caller that
+    reads the truth itself (original_mask): eval.py keeps masks of up to 24 MB out of the
+    DataLoader workers' shared memory that way.
+
+    ISIC is decoded once into resized PNG copies under cache_dir (default <data_dir>/.cache),
+    at cache_size (default image_size; train.py: the largest --train-sizes), and each sample
+    is resized from that copy to its size. Only the first `length` images are decoded.
     """
 
-    def __init__(self, source, split, image_size, scales=(1.0,), augment=False,
-                 data_dir=None, seed=0, length=None, cache_dir=None, original_masks=False):
+    def __init__(self, source, split, image_size, scales=(1.0,), augment=False, data_dir=None, seed=0,
+                 length=None, cache_dir=None, cache_size=None, original_masks=False, with_masks=True):
         self.source, self.split, self.augment, self.seed = source, split, augment, seed
         if original_masks and (source != "isic" or augment):
             raise ValueError("original_masks: only for ISIC data without augmentation")
-        self.original_masks = original_masks
+        self.original_masks, self.with_masks = original_masks, with_masks
         self.size, self.scales = as_hw(image_size), scales
         self.sizes = level_sizes(self.size, scales)
         self.epoch = 0
@@ -94,10 +110,11 @@ class SegDataset(torch.utils.data.Dataset):
             if data_dir is None:
                 raise ValueError("--data isic needs --data-dir (the folder holding ISIC2018_Task1-2_Training_Input)")
             # Decoding a 6000 px JPEG takes ~0.5 s: decode each once, keep a resized PNG copy.
-            cache_dir = cache_dir or os.path.join(data_dir, ".cache", f"{self.size[0]}x{self.size[1]}")
-            self.originals = isic_split_files(data_dir, split)
-            self.files = cache_isic_split(self.originals, self.size, cache_dir)
-            self.length = len(self.files) if length is None else min(length, len(self.files))
+            h, w = as_hw(cache_size or image_size)
+            cache_dir = os.path.join(cache_dir or os.path.join(data_dir, ".cache"), f"{h}x{w}")
+            self.originals = isic_split_files(data_dir, split)[:length]  # only these are ever read
+            self.files = cache_isic_split(self.originals, (h, w), cache_dir)
+            self.length = len(self.files)
         else:
             raise ValueError(f"unknown segmentation data source {source!r} (expected synthetic or isic)")
 
@@ -120,7 +137,9 @@ class SegDataset(torch.utils.data.Dataset):
             levels, mask = self._load(i, aug, sizes)
         if aug is not None:
             levels = color_jitter(levels, aug)
-        return levels, mask
+        if not self.with_masks:
+            return levels, torch.tensor(i)
+        return levels, self.original_mask(i) if self.original_masks else mask
 
     def _render(self, i, aug, sizes):
         scene = lesion_scene(self.seed, _scene_index(self.split, i))
@@ -140,11 +159,8 @@ class SegDataset(torch.utils.data.Dataset):
             mask = torch.from_numpy(np.asarray(mask) > 127)[None].float()  # [1,H,W]
         if aug is not None:
             image, mask = warp_pair(image, mask, random_affine(aug))
-        if self.original_masks:
-            mask = self.original_mask(i)
-        if sizes[0] != self.size:  # --train-sizes: resampled from the copy cached at --image-size
-            image = resize(image, sizes[0])
-            mask = (resize(mask, sizes[0]) > 0.5).float() if not self.original_masks else mask
+        if image.shape[1:] != sizes[0]:  # --train-sizes: resampled from the cached copy
+            image, mask = resize(image, sizes[0]), (resize(mask, sizes[0]) > 0.5).float()
         levels = [image] + [resize(image, size) for size in sizes[1:]]
         return levels, mask
 
@@ -154,6 +170,13 @@ class SegDataset(torch.utils.data.Dataset):
         path = self.originals[i][1]
         mask, _ = open_image(path)
         return torch.from_numpy(binary_mask(mask, path))[None]
+
+
+def read_original_masks(dataset, indices):
+    """The original ground truths of these samples of a with_masks=False SegDataset, read in
+    threads (PNG decoding releases the GIL)."""
+    with ThreadPoolExecutor(len(indices)) as pool:
+        return list(pool.map(dataset.original_mask, indices))
 
 
 def seg_collate(batch):
@@ -346,16 +369,27 @@ def binary_mask(mask, path):
     return mask > 0
 
 
-def save_png_atomic(image, path):
-    # another worker or rank may read the cache meanwhile: never expose a half-written file
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(fd)
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Write `path` through a temporary file beside it, renamed into place once complete: a
+    crash mid-write, or a reader meanwhile (another worker, rank or node), never sees a
+    half-written file in place of the last good one. The project's one file writer."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     try:
-        image.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)                        # mkstemp's 0600 would hide results from a group
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png_atomic(image, path):
+    with atomic_open(path) as f:
+        image.save(f, format="PNG")
 
 
 # ---------------------------------------------------------------------------------------
@@ -467,6 +501,21 @@ def load_coco(root, split, val_size=COCO_VAL_SIZE):
         raise ValueError(f"{ann_path}: annotation file not found")
     if not os.path.isdir(image_dir):
         raise ValueError(f"{image_dir}: image folder not found")
+    stat = os.stat(ann_path)
+    records, cat_ids, class_names = parse_coco(ann_path, image_dir, stat.st_mtime_ns, stat.st_size)
+    if split != "test":
+        held = set(coco_holdout(len(records), val_size, ann_path).tolist())
+        records = [r for k, r in enumerate(records) if (k in held) == (split == "val")]
+    return records, cat_ids, class_names
+
+
+@functools.lru_cache(maxsize=1)
+def parse_coco(ann_path, image_dir, mtime_ns, size):
+    """load_coco's records of every image of one annotation file, sorted by id, with cat_ids
+    and class_names. Parsed once per process: train and val both come from
+    instances_train2017.json (448 MB, several GB once parsed), and eval.py reads its split
+    at every resolution. The file's mtime and size are part of the key, so a rewritten file
+    is read again. The records are shared: read only."""
     try:
         with open(ann_path) as f:
             coco = json.load(f)
@@ -525,9 +574,6 @@ def load_coco(root, split, val_size=COCO_VAL_SIZE):
                             iscrowd=np.array([g[2] for g in gts], np.int64),
                             area=np.array([g[3] for g in gts], np.float64))
         out.append(r)
-    if split != "test":
-        held = set(coco_holdout(len(out), val_size, ann_path).tolist())
-        out = [r for k, r in enumerate(out) if (k in held) == (split == "val")]
     return out, cat_ids, class_names
 
 
@@ -546,12 +592,10 @@ def coco_holdout(n, val_size, ann_path):
 # ---------------------------------------------------------------------------------------
 
 def main():
-    """Measure render speed (--bench), the colour-threshold baseline (--baseline SIZE) and
-    the resize ceiling (--resize-ceiling SIZE)."""
+    """Measure the colour-threshold baseline (--baseline SIZE) and the resize ceiling
+    (--resize-ceiling SIZE)."""
     import argparse
-    import time
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--bench", action="store_true")
     parser.add_argument("--baseline", type=int, metavar="SIZE")
     parser.add_argument("--resize-ceiling", type=int, metavar="SIZE",
                         help="Dice at 2x and 4x SIZE of a perfect SIZE px prediction (each pixel's lesion "
@@ -561,13 +605,6 @@ def main():
     for flag in ("baseline", "resize_ceiling"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be a positive image size, got {getattr(args, flag)}")
-    if args.bench:
-        for name, render in [("lesions", render_lesion), ("shapes", render_shapes)]:
-            for size in (96, 256):
-                n, start = 600 * 96 ** 2 // size ** 2, time.perf_counter()
-                for i in range(n):
-                    render(0, i, (size, size))
-                print(f"{name} {size} px: {n / (time.perf_counter() - start):.0f} samples/s")
     from metrics import seg_scores  # per-image Dice as eval.py scores it (both empty: 1)
 
     def whole(split, size):  # -> (levels, masks) of a synthetic split, one batch

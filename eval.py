@@ -7,9 +7,10 @@
 The architecture and the data source come from the checkpoint. At each resolution r
 the split is rendered (synthetic) or resized from the originals (ISIC, COCO) at r, so
 the spacing the model sees is 1 / size per pyramid level: the same field of view, finer
-tokens (DESIGN.md section 1). --ignore-spacing feeds the training spacing instead, so
-the model is told every resolution is the training one: the gap between the two sweeps
-is what physical spacing buys. Writes, under --out: results.csv, results.md,
+tokens (DESIGN.md section 1). --ignore-spacing feeds the training spacing to the position
+encoding instead (the physical token grid still zooms with the real pixel size), so the
+positions say every resolution is the training one: the gap between the two sweeps is
+what physical positions buy. Writes, under --out: results.csv, results.md,
 results.json (one row per resolution), samples_<r>.png and, for detection,
 detections_<r>.json (COCO results format, in original pixels, for the official evaluator).
 
@@ -28,10 +29,7 @@ import glob
 import io
 import json
 import os
-import resource
 import sys
-import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -40,11 +38,10 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, resize,
-                  seg_collate)
-from metrics import SEG_METRICS, coco_ap, coco_results_json, score_logits
-from model import set_detector_size
-from train import ARCH, LEGACY_ARCH, autocast, build_model, load_checkpoint
+from data import (COCO_VAL_SIZE, DetDataset, SegDataset, atomic_open, boxes_to_original, check_size, det_collate,
+                  level_sizes, read_original_masks, resize, seg_collate)
+from metrics import SEG_METRICS, coco_ap, coco_results_json, memory_growth_mib, memory_mark, score_logits, timed
+from model import autocast, build_model, load_run, set_detector_size
 
 DET_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SCORE_THRESHOLD = 0.3  # predicted boxes drawn in the samples
@@ -59,7 +56,8 @@ MIN_DISPLAY = 256      # samples are upscaled (nearest) to at least this many pi
 def get_args_parser():
     p = argparse.ArgumentParser(description="Evaluate a checkpoint at several test resolutions")
     p.add_argument("--ckpt", default=None,
-                   help="checkpoint written by train.py (default: the newest runs/*/ckpt_best.pt)")
+                   help="checkpoint written by train.py (default: ckpt_best.pt of the run under runs/ that "
+                        "trained last, of --task when given)")
     p.add_argument("--resolutions", required=True, help="comma-separated image sizes, e.g. 128,256,512")
     p.add_argument("--task", default=None, choices=["seg", "det"], help="optional: must match the checkpoint")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
@@ -72,22 +70,37 @@ def get_args_parser():
     p.add_argument("--resize-to-train", action="store_true",
                    help="add the baseline row at each resolution: the image resized to the training size, the "
                         "prediction resized back")
-    p.add_argument("--ignore-spacing", action="store_true", help="feed the training spacing at every resolution (seg; no effect on unet or --pe rope/none)")
+    p.add_argument("--ignore-spacing", action="store_true",
+                   help="tell the position encoding the training spacing at every resolution; the token grid "
+                        "still zooms with the real pixel size (seg; no effect on unet or --pe rope/none)")
     p.add_argument("--samples", type=int, default=4, help="images drawn in samples_<r>.png (0: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--data-dir", default=None, help="dataset root (default: the one used for training)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where ISIC's decoded, resized copies go (default: the training run's --cache-dir, else "
+                        "<data-dir>/.cache; use this when the dataset folder is read-only)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     return p
 
 
-def newest_checkpoint(root="runs"):
-    """The best checkpoint of the most recently written run under `root`."""
+def newest_checkpoint(task=None, root="runs"):
+    """-> (ckpt_best.pt, its task) of the run under `root` that trained last (of `task` when
+    given). Judged by the run's newest training file: ckpt_best.pt alone dates the last
+    improvement, and an older run may have improved after a newer one's last."""
+    def last_activity(best):
+        run = os.path.dirname(best)
+        return max(os.path.getmtime(p) for p in (best, os.path.join(run, "ckpt_last.pt"),
+                                                 os.path.join(run, "metrics.jsonl")) if os.path.exists(p))
+
     found = glob.glob(os.path.join(root, "**", "ckpt_best.pt"), recursive=True)
-    if not found:
-        raise ValueError(f"--ckpt not given and no {root}/*/ckpt_best.pt here: train first "
-                         f"(python train.py --task seg), or pass --ckpt RUN/ckpt_best.pt")
-    return max(found, key=os.path.getmtime)
+    for path in sorted(found, key=last_activity, reverse=True):
+        found_task = load_run(path, None)[0]["task"]
+        if task in (None, found_task):
+            return path, found_task
+    of_task = f" of --task {task}" if task else ""
+    raise ValueError(f"--ckpt not given and no {root}/*/ckpt_best.pt{of_task} here: train first "
+                     f"(python train.py --task {task or 'seg'}), or pass --ckpt RUN/ckpt_best.pt")
 
 
 def parse_resolutions(text):
@@ -105,13 +118,8 @@ def parse_resolutions(text):
 
 
 def check_resolution(r, train_args):
-    """The stem needs at least one patch of real pixels on every pyramid level."""
-    if train_args["model"] != "rat":
-        return  # the baselines pad their input: any size runs
-    patch, coarsest = train_args["patch"], min(level_sizes(r, train_args["scales"])[-1])
-    if coarsest < patch:
-        raise ValueError(f"--resolutions: {r} is too small for this model: its coarsest pyramid level would be "
-                         f"{coarsest} px, below the stem patch of {patch} px")
+    if train_args["model"] == "rat":  # the baselines pad their input: any size runs
+        check_size(r, train_args["scales"], train_args["patch"], "--resolutions")
 
 
 def training_spacings(train_args):
@@ -120,22 +128,8 @@ def training_spacings(train_args):
     return [(1.0 / h, 1.0 / w) for h, w in level_sizes(train_args["image_size"], train_args["scales"])]
 
 
-def load_run(path, task):
-    """-> (training args dict, state dict), checked against --task."""
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise ValueError(f"{path}: not a train.py checkpoint (no 'model' and 'args' entries)")
-    train_args = {**LEGACY_ARCH, **ckpt["args"]}
-    missing = [k for k in ARCH if k not in train_args]
-    if missing:
-        raise ValueError(f"{path}: checkpoint args lack {', '.join(missing)}")
-    if task is not None and task != train_args["task"]:
-        raise ValueError(f"--task {task}: checkpoint is for task {train_args['task']} ({path})")
-    return train_args, ckpt["model"]
-
-
 def build_eval_model(train_args, state, r, device, path):
-    model = build_model(argparse.Namespace(**train_args))
+    model = build_model(train_args)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -175,48 +169,14 @@ def build_eval_dataset(train_args, args, r):
     common = dict(source=train_args.get("data", "synthetic"), split=args.split, image_size=r,
                   data_dir=args.data_dir or train_args.get("data_dir"), seed=train_args.get("seed", 0),
                   length=args.limit)
-    if train_args["task"] == "seg":  # same pyramid as training; ISIC scored on the original masks
-        return SegDataset(scales=train_args["scales"], original_masks=common["source"] == "isic", **common)
+    if train_args["task"] == "seg":
+        # Same pyramid as training. ISIC is scored on the original masks, which eval_seg reads
+        # itself: up to 24 MB each, a loader's batches in flight would overflow the workers'
+        # shared memory (Docker's default /dev/shm is 64 MB). The loader carries indices.
+        return SegDataset(scales=train_args["scales"], with_masks=common["source"] != "isic",
+                          cache_dir=args.cache_dir or train_args.get("cache_dir"), **common)
     # the same train2017 hold-out as training, should --split val be asked for
     return DetDataset(coco_val_size=train_args.get("coco_val_size", COCO_VAL_SIZE), **common)
-
-
-# ---------------------------------------------------------------------------------------
-# timing and memory
-# ---------------------------------------------------------------------------------------
-
-def timed(fn, device, amp=True):
-    """(fn(), seconds): the forward alone, synchronized so GPU work is counted. amp=False
-    for the detector, whose backbone autocasts alone (boxes and NMS stay float32)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    with autocast(device) if amp else nullcontext():
-        out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
-
-
-def peak_rss_mb():
-    # ru_maxrss is KiB on Linux (bytes on macOS). It is monotonic: "peak RSS of the process
-    # so far", so a resolution's growth only shows memory beyond every earlier peak. Fine
-    # here because resolutions run in increasing order, each needing more than the last.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
-
-
-def memory_start(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0.0
-    return peak_rss_mb()
-
-
-def memory_peak_mb(device, start):
-    """CUDA: peak allocated during this resolution. CPU: growth of the process peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return peak_rss_mb() - start
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,18 +187,23 @@ def memory_peak_mb(device, start):
 def eval_seg(model, loader, spacings, device, n_samples, desc, mask_dir=None):
     """-> (mean metrics, seconds of forward, samples [(image [3,r,r], truth, pred)]).
 
-    Every prediction is scored against the loader's truth at the truth's size (ISIC: the
-    original mask, the prediction resized back to it). mask_dir: also write each binary
+    Every prediction is scored against its truth at the truth's size (ISIC: the original
+    mask, read here, the prediction resized back to it). mask_dir: also write each binary
     prediction there, named like its ground-truth file (ISIC_<id>_segmentation.png, 0/255,
     the truth's size), the ISIC challenge's submission format.
     """
-    names = [os.path.basename(mask) for _, mask in loader.dataset.originals] if mask_dir else None
+    dataset = loader.dataset
+    names = [os.path.basename(mask) for _, mask in dataset.originals] if mask_dir else None
     scores, seconds, samples, done = [], 0.0, [], 0
     for k, (levels, masks) in enumerate(tqdm(loader, desc=desc, leave=False)):
+        if not dataset.with_masks:  # the loader carries indices (build_eval_dataset says why)
+            masks = read_original_masks(dataset, masks.tolist())
         levels = [x.to(device) for x in levels]
         if k == 0:
-            timed(lambda: model(levels, spacings), device)  # warm-up: lazy allocations, kernel selection
-        logits, dt = timed(lambda: model(levels, spacings), device)  # [B, 1, r, r]
+            with autocast(device):
+                timed(lambda: model(levels, spacings), device)  # warm-up: lazy allocations, kernel selection
+        with autocast(device):
+            logits, dt = timed(lambda: model(levels, spacings), device)  # [B, 1, r, r]
         batch_scores, preds = score_logits(logits, masks)  # [B, 5]
         scores.append(batch_scores.cpu())
         seconds += dt
@@ -268,8 +233,8 @@ def eval_det(model, loader, device, n_samples, desc):
     for k, (images, batch_targets) in enumerate(tqdm(loader, desc=desc, leave=False)):
         images = [im.to(device) for im in images]
         if k == 0:
-            timed(lambda: model(images), device, amp=False)  # warm-up
-        out, dt = timed(lambda: model(images), device, amp=False)  # boxes in pixels of the input (r x r)
+            timed(lambda: model(images), device)  # warm-up (no autocast: the backbone autocasts alone)
+        out, dt = timed(lambda: model(images), device)  # boxes in pixels of the input (r x r)
         out = [{key: v.float().cpu() if v.is_floating_point() else v.cpu() for key, v in o.items()} for o in out]
         take = max(0, n_samples - len(samples))
         samples += [(im.cpu(), t, d) for im, t, d in zip(images[:take], batch_targets, out)]
@@ -327,7 +292,7 @@ def det_samples_png(samples, r, class_names):
     for image, target, det in samples:
         tile = to_pil(image, scale)
         draw = ImageDraw.Draw(tile)
-        keep = det["scores"] > SCORE_THRESHOLD
+        keep = (det["scores"] > SCORE_THRESHOLD) & (det["labels"] > 0)  # label 0: FCOS's background
         boxes = [(b, class_names[c - 1], (0, 160, 0), True) for b, c in zip(target["boxes"].tolist(), target["labels"].tolist())]
         boxes += [(b, f"{class_names[c - 1]} {s:.2f}", (220, 0, 0), False) for b, c, s in
                   zip(det["boxes"][keep].tolist(), det["labels"][keep].tolist(), det["scores"][keep].tolist())]
@@ -346,15 +311,8 @@ def det_samples_png(samples, r, class_names):
 # ---------------------------------------------------------------------------------------
 
 def write_atomic(path, data):
-    """Write to a temporary file, then rename: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # a failed write leaves nothing behind
-            os.remove(tmp)
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
 
 
 def png_bytes(image):
@@ -395,8 +353,9 @@ def main(args):
     # Everything that can be wrong with the command is checked before anything is written.
     resolutions = parse_resolutions(args.resolutions)
     if args.ckpt is None:
-        args.ckpt = newest_checkpoint()
-        print(f"evaluating {args.ckpt} (the newest run's best checkpoint under runs/)")
+        args.ckpt, found_task = newest_checkpoint(args.task)
+        print(f"evaluating {args.ckpt}: the {found_task} run {os.path.dirname(args.ckpt)}, "
+              f"the last to train under runs/")
     if args.batch_size < 1 or args.samples < 0 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch-size and --limit must be positive, --samples non-negative")
     train_args, state = load_run(args.ckpt, args.task)
@@ -442,14 +401,14 @@ def main(args):
         inputs = [("native", model)] + ([(f"resized to {train_args['image_size']}", baseline)] if baseline else [])
         for how, net in inputs:
             try:
-                mem = memory_start(device)
+                mem = memory_mark(device)
                 if task == "seg":
                     metrics, seconds, samples = eval_seg(net, loader, spacings, device, args.samples, f"{r} px {how}",
                                                          mask_dir if how == "native" else None)
                 else:
                     metrics, seconds, dets, targets, samples = eval_det(net, loader, device, args.samples,
                                                                         f"{r} px {how}")
-                peak = memory_peak_mb(device, mem)
+                peak = memory_growth_mib(device, mem)
             except RuntimeError as e:  # out of memory, or a shape this model cannot take
                 done = f"; results for smaller resolutions are in {out}" if rows else ""
                 raise ValueError(f"--resolutions: evaluation at {r} px failed: {str(e).splitlines()[0][:300]}{done}") from None

@@ -13,7 +13,7 @@
 #
 # Items: seg, det (a few dozen bf16 training steps each), channels_last, eval (the resolution
 # sweep of seg's and det's checkpoints), ddp (2 ranks sharing the GPU with --dist-backend
-# cuda:gloo, SIGTERM to one rank, rerun resumes), bench (512 px training step, peak memory),
+# cuda:gloo, SIGTERM to one rank's process group, rerun resumes), bench (512 px training step, peak memory),
 # compile (inductor; last, as its compile time is the least predictable).
 # PYTHON (default python) is the interpreter to use.
 set -u
@@ -60,8 +60,9 @@ if [ "$DRY" = 1 ]; then
          --epochs 1 --workers 0"
     DET="--task det --image-size 64 --dim 32 --depth 2 --heads 2 --train-size 8 --val-size 4 --batch-size 4
          --epochs 1 --workers 0"
+    # a loader worker per rank: the SIGTERM to a rank's process group reaches it too
     DDP="--task seg --image-size 32 --dim 32 --depth 2 --heads 2 --train-size 64 --val-size 4 --batch-size 8
-         --epochs 2 --workers 0"
+         --epochs 2 --workers 1"
     SEG_RES=32,64; DET_RES=64,96; EVAL="--limit 4 --workers 0"
     BENCH="--size 64 --dim 32 --depth 2 --heads 2 --reps 1"
 else
@@ -81,7 +82,7 @@ fi
 
 # train.py into a fresh run folder: on a reused --out, a finished run would "resume" and train nothing
 train() { local out=$1; shift; rm -rf "$out" && $PY train.py "$@" --out "$out"; }
-summary() { $PY gpu_check.py summary "$@" --device $DEVICE; }
+summary() { $PY tools/gpu_check.py summary "$@" --device $DEVICE; }
 
 # ---------------------------------------------------------------------------------------
 # the items: each prints its detail as its last line of output and returns non-zero on failure
@@ -103,17 +104,17 @@ item_eval() {
     done
     $PY eval.py --ckpt "$OUT/seg/ckpt_best.pt" --resolutions $SEG_RES $EVAL --out "$OUT/eval_seg" &&
     $PY eval.py --ckpt "$OUT/det/ckpt_best.pt" --resolutions $DET_RES $EVAL --out "$OUT/eval_det" &&
-    $PY gpu_check.py eval-summary "$OUT/eval_seg" "$OUT/eval_det" --device $DEVICE
+    $PY tools/gpu_check.py eval-summary "$OUT/eval_seg" "$OUT/eval_det" --device $DEVICE
 }
 
 item_ddp() {
     rm -rf "$OUT/ddp"   # a leftover checkpoint would make the first run a resume
-    $PY gpu_check.py sigterm-resume --run "$OUT/ddp" --device $DEVICE -- \
+    $PY tools/gpu_check.py sigterm-resume --run "$OUT/ddp" --device $DEVICE -- \
         $PY -m torch.distributed.run --standalone --nproc_per_node=2 \
         train.py $DDP --dist-backend $DIST --ckpt-every 1 --out "$OUT/ddp"
 }
 
-item_bench() { $PY gpu_check.py bench $BENCH; }
+item_bench() { $PY tools/gpu_check.py bench $BENCH; }
 
 # seconds each item may take on the GPU (the budget may leave it less)
 limit() {
@@ -133,7 +134,7 @@ fi
 
 # ---------------------------------------------------------------------------------------
 # the driver
-$PY gpu_check.py header
+$PY tools/gpu_check.py header
 if [ "$DRY" = 1 ]; then
     echo "# DRY RUN: every item on the CPU (CUDA_VISIBLE_DEVICES=''), tiny sizes, --compile $COMPILE," \
          "--dist-backend $DIST: it tests this script and the code paths, not the GPU"

@@ -13,6 +13,10 @@ box area, both in original pixels), so results are comparable with published COC
 figures without depending on pycocotools. coco_results_json exports detections for the official tool.
 """
 
+import resource
+import sys
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -246,12 +250,52 @@ def _precision(per_image):
 
 def coco_results_json(dets, image_ids, cat_ids):
     """Detections (per image, labels 1..K) as COCO result entries for the official
-    evaluator: {'image_id', 'category_id': cat_ids[label-1], 'bbox': [x,y,w,h], 'score'}."""
+    evaluator: {'image_id', 'category_id': cat_ids[label-1], 'bbox': [x,y,w,h], 'score'}.
+    Label 0 is FCOS's background class (it is built with K + 1): not a category, left out
+    as coco_ap leaves it out (cat_ids[-1] would make it the last category)."""
     results = []
     for det, image_id in zip(dets, image_ids):
         boxes = xyxy_to_xywh(det["boxes"]).tolist()
         scores = _numpy(det["scores"], np.float64).reshape(-1).tolist()
         labels = _numpy(det["labels"], np.int64).reshape(-1).tolist()
         for box, score, label in zip(boxes, scores, labels):
-            results.append({"image_id": int(image_id), "category_id": int(cat_ids[label - 1]), "bbox": box, "score": score})
+            if label > 0:
+                results.append({"image_id": int(image_id), "category_id": int(cat_ids[label - 1]), "bbox": box,
+                                "score": score})
     return results
+
+
+# ---------------------------------------------------------------------------------------
+# cost: time and memory (eval.py's sweep, bench.py)
+# ---------------------------------------------------------------------------------------
+
+def timed(fn, device):
+    """(fn(), seconds), synchronized so that queued GPU work is counted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def memory_mark(device):
+    """Start a peak-memory reading: CUDA resets its peak; a CPU notes the process peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    return _peak_rss_mib()
+
+
+def memory_growth_mib(device, mark):
+    """CUDA: peak allocated since memory_mark. CPU: growth of the process peak RSS, which is
+    monotonic (the peak so far): it shows only memory beyond every earlier peak, so measure
+    the larger configurations last, or each in a fresh process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return _peak_rss_mib() - mark
+
+
+def _peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)

@@ -27,7 +27,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 
 from rose import RoSE, grid_centers, positions, rotate, sincos_embedding
-from sga import CONV, MLP, SGA, resize_kernel
+from sga import MLP, SGA, resize_kernel
 
 def default_strides(depth):
     """Group by 4, then by 2 twice, then keep the grid (stride 1), so that any depth
@@ -35,6 +35,11 @@ def default_strides(depth):
     pixels (with patch 4): at 512 px it is a small part of the cost, which stays
     near linear in pixels."""
     return ([4, 2, 2] + [1] * depth)[:depth]
+
+
+def normalize(x):
+    """Inputs come in [0, 1]; every model centres them alike."""
+    return (x - 0.5) / 0.25
 
 
 def pad_to_multiple(x, m):
@@ -76,17 +81,46 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class PixelStem(nn.Sequential):
+    """3x3 convolutions at the input's own pixels before the patch projection: with them a
+    vision transformer learns much faster than from a linear patchify alone (Xiao et al. 2021,
+    "Early convolutions help transformers see better"). On the physical grid, at f times the
+    training resolution, every kernel is dilated by round(f), so that it spans the physical
+    extent it learned: exact for integer f (the dilated convolution of an image upsampled f
+    times is the upsampled convolution, and GroupNorm's statistics do not change)."""
+
+    def __init__(self, in_chans, width, convs, spatial_dims):
+        conv = getattr(nn, f"Conv{spatial_dims}d")
+        layers = []
+        for i in range(convs):
+            layers += [conv(in_chans if i == 0 else width, width, 3, padding=1), nn.GroupNorm(4, width), nn.GELU()]
+        super().__init__(*layers)
+
+    def forward(self, x, zoom=1.0):
+        d = max(1, round(zoom))
+        for layer in self:
+            if isinstance(layer, nn.modules.conv._ConvNd) and d > 1:
+                x = getattr(F, f"conv{x.dim() - 2}d")(x, layer.weight, layer.bias, padding=d, dilation=d)
+            else:
+                x = layer(x)
+        return x                                                    # [B, width, *size]
+
+
 class RAT(nn.Module):
     def __init__(self, in_chans=3, dim=64, depth=4, heads=4, spatial_dims=2, patch=4, strides=None,
                  pe="rose", sga="local", mlp_ratio=4, dropout=0.0, rotary_ratio=0.5, sga_iters=3, radius=1,
-                 ref_size=None):
+                 ref_size=None, stem="patch"):
         super().__init__()
         strides = strides or default_strides(depth)
         self.dim, self.patch, self.pe, self.spatial_dims = dim, patch, pe, spatial_dims
         self.ref_size = ref_size  # see zoom()
+        # stem "conv": two 32-channel 3x3 convs at full resolution first; "patch": the patch projection alone
+        self.pixel_stem = PixelStem(in_chans, 32, 2, spatial_dims) if stem == "conv" else None
         # Overlapping patches, centered on their cell: kernel P + 2 * (P // 2), so
         # that token j sits at (j + 0.5) * P pixels, as the coordinates say.
-        self.stem = CONV[spatial_dims](in_chans, dim, patch + 2 * (patch // 2), stride=patch, padding=patch // 2)
+        conv = getattr(nn, f"Conv{spatial_dims}d")
+        self.stem = conv(32 if self.pixel_stem else in_chans, dim, patch + 2 * (patch // 2), stride=patch,
+                         padding=patch // 2)
         self.stem_norm = nn.LayerNorm(dim)
         self.sgas = nn.ModuleList(SGA(dim, heads, s, spatial_dims, sga, radius, sga_iters, pe, rotary_ratio,
                                       mlp_ratio, dropout) for s in strides)
@@ -97,22 +131,28 @@ class RAT(nn.Module):
 
     def forward(self, levels, spacings=None):
         """levels: list of [B, in_chans, *size_l], finest first. spacings: per level,
-        the physical size of a pixel per dim (default 1 / size_l).
+        the physical size of a pixel per dim (default 1 / size_l): where the position
+        encoding places the tokens, nothing else. The physical grid zooms with the pixel
+        size of levels[0] itself (zoom), so that eval.py --ignore-spacing changes what the
+        positions say and not the token grid.
         Returns `stages`, the stem then one per block, each a list over levels of
         (tokens [B, N, dim], grid, spacing, assignment or None)."""
         if spacings is None:
             spacings = [tuple(1.0 / n for n in x.shape[2:]) for x in levels]
+        size = levels[0].shape[2:]
         stage = []
         for x, sp in zip(levels, spacings):
-            x = (x - 0.5) / 0.25                                        # inputs come in [0, 1]
-            t = self.stem_tokens(x, self.zoom(spacings[0]))            # [B, dim, *grid]
+            x = normalize(x)
+            if self.pixel_stem is not None:
+                x = self.pixel_stem(x, self.zoom(size))                 # [B, 32, *size_l]
+            t = self.stem_tokens(x, self.zoom(size))                    # [B, dim, *grid]
             grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
             t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
             if self.pe == "absolute":
                 t = t + sincos_embedding(grid_centers(grid, sp), self.dim).to(t)
             stage.append((t, grid, sp, None))
         stages = [stage]
-        for sga, block, stride in zip(self.sgas, self.blocks, self.block_strides(spacings)):
+        for sga, block, stride in zip(self.sgas, self.blocks, self.block_strides(size)):
             stage = [sga(t, grid, sp, stride) for t, grid, sp, _ in stage]  # per level: downsample
             x = torch.cat([t for t, *_ in stage], dim=1)                # [B, sum N_l, dim]
             pos = [positions(grid, sp, self.pe) for _, grid, sp, _ in stage]
@@ -132,33 +172,35 @@ class RAT(nn.Module):
     # Kernels are resampled by area (sga.resize_kernel): exact for integer f. At the
     # training size nothing changes.
 
-    def zoom(self, spacing):
-        """Input pixels per training pixel, f, from the finest level's spacing (every level
-        of a pyramid is zoomed alike)."""
-        return 1 / (spacing[0] * self.ref_size) if self.ref_size else 1
+    def zoom(self, size):
+        """Input pixels per training pixel, f, from the finest level's size in pixels (its
+        first dim; every level of a pyramid is zoomed alike)."""
+        return size[0] / self.ref_size if self.ref_size else 1
 
     def stem_tokens(self, x, f):
         """[B, C, *size] -> [B, dim, *size / patch], the kernel zoomed f times."""
         x = pad_to_multiple(x, self.patch)
         K0, P = self.stem.kernel_size[0], self.patch
         K = max(1, round(K0 * f))
-        f = round(f) if abs(f - round(f)) < 1e-6 else f
         if K == K0:
             return self.stem(x)
         D = x.dim() - 2
         lo = (K - P) // 2                   # centred on its cell, as the trained kernel
         x = F.pad(x, [lo, K - P - lo] * D)
-        conv = (None, F.conv1d, F.conv2d, F.conv3d)[D]
-        if K != K0 * f or f < 2:            # a fractional zoom: the resampled kernel itself
+        conv = getattr(F, f"conv{D}d")
+        # a fractional zoom (2.5 too, though K0 * 2.5 may be whole): the resampled kernel itself
+        if abs(f - round(f)) > 1e-6 or f < 2:
             return conv(x, resize_kernel(self.stem.weight, K), self.stem.bias, stride=P)
+        f = round(f)
         # integer zoom: the same numbers, as a box filter of f pixels and then the trained kernel
         # dilated by f: cost linear in pixels (the zoomed kernel would cost f^D more per token)
-        box = (None, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[D]
+        box = getattr(F, f"avg_pool{D}d")
         return conv(box(x, f, stride=1), self.stem.weight, self.stem.bias, stride=P, dilation=f)
 
-    def block_strides(self, spacings):
+    def block_strides(self, size):
+        """Every block's grouping stride for a finest level of `size` pixels."""
         strides = [sga.stride for sga in self.sgas]
-        strides[0] = max(1, round(strides[0] * self.zoom(spacings[0])))
+        strides[0] = max(1, round(strides[0] * self.zoom(size)))
         return strides
 
 
@@ -189,11 +231,12 @@ class RATSeg(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.num_classes, self.head = num_classes, head
         self.to_pixels = nn.Linear(dim, num_classes * P ** D)
+        conv = getattr(nn, f"Conv{D}d")
         if head == "linear":
-            self.pixels = CONV[D](in_chans, num_classes, 3, padding=1)
+            self.pixels = conv(in_chans, num_classes, 3, padding=1)
         else:
-            self.pixels = nn.Sequential(CONV[D](in_chans + num_classes, 16, 3, padding=1), nn.GELU(),
-                                        CONV[D](16, 16, 3, padding=1), nn.GELU(), CONV[D](16, num_classes, 1))
+            self.pixels = nn.Sequential(conv(in_chans + num_classes, 16, 3, padding=1), nn.GELU(),
+                                        conv(16, 16, 3, padding=1), nn.GELU(), conv(16, num_classes, 1))
             nn.init.zeros_(self.pixels[-1].weight)   # starts as the coarse prediction alone
             nn.init.zeros_(self.pixels[-1].bias)
         self.fuse.apply(init_weights)
@@ -209,10 +252,9 @@ class RATSeg(nn.Module):
         x = levels[0]
         B, D, P, K = x.shape[0], len(grid), self.backbone.patch, self.num_classes
         y = self.to_pixels(self.norm(y)).reshape(B, *grid, K, *[P] * D)           # [B, *grid, K, *P]
-        zoom = self.backbone.zoom([s / P for s in stages[0][0][2]])
-        y = cells_to_pixels(y.movedim(1 + D, 1), P, zoom)                          # [B, K, *grid*P]
+        y = cells_to_pixels(y.movedim(1 + D, 1), P, self.backbone.zoom(x.shape[2:]))   # [B, K, *grid*P]
         y = y[(...,) + tuple(slice(0, n) for n in x.shape[2:])]
-        x = (x - 0.5) / 0.25
+        x = normalize(x)
         if self.head == "linear":
             return y + self.pixels(x)
         return y + self.pixels(torch.cat([x, y.sigmoid()], dim=1))                 # [B, K, *size_0]
@@ -284,7 +326,7 @@ class RATBackbone(nn.Module):
         """Pixel stride of every block's tokens for a `size` px input (the physical grid
         zooms the first grouping stride with the input, RAT.zoom)."""
         strides, s = [], self.body.patch
-        for st in self.body.block_strides([(1.0 / size,) * 2]):
+        for st in self.body.block_strides((size, size)):
             s *= st
             strides.append(s)
         return strides
@@ -304,6 +346,11 @@ class RATBackbone(nn.Module):
             pad = [(-(-n // stride)) - g for n, g in zip(padded, grid)]
             out[str(i)] = F.pad(t, [0, pad[1], 0, pad[0]])                          # [B, dim, *padded/stride]
         return out
+
+
+def autocast(device):
+    """bf16 on GPUs; on a CPU float32 (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def backbone_autocast(x, dtype):
@@ -330,7 +377,7 @@ def set_detector_size(detector, size):
         backbone.image_size = size
         # FCOS regresses box sides in units of the anchor size: on the physical grid the
         # anchors grow with the zoom, so that a learned offset keeps its physical length.
-        f = backbone.body.zoom((1.0 / size,) * 2)
+        f = backbone.body.zoom((size, size))
         detector.anchor_generator = anchor_generator([s * f for s in backbone.strides])
         # The anchor generator infers each map's stride as padded size // map size: the
         # padding must be a multiple of every stride (a 1.5x zoom gives strides 12 and 24).
@@ -349,18 +396,18 @@ class UNet(nn.Module):
 
     def __init__(self, num_classes=1, in_chans=3, width=32, levels=4, spatial_dims=2):
         super().__init__()
-        conv, convt = CONV[spatial_dims], (None, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims]
+        conv, convt = getattr(nn, f"Conv{spatial_dims}d"), getattr(nn, f"ConvTranspose{spatial_dims}d")
         ws = [width * 2 ** i for i in range(levels + 1)]
         self.down = nn.ModuleList([conv_block(conv, in_chans, ws[0])] +
                                   [conv_block(conv, ws[i], ws[i + 1]) for i in range(levels)])
-        self.pool = (None, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[spatial_dims](2)
+        self.pool = getattr(nn, f"MaxPool{spatial_dims}d")(2)
         self.up = nn.ModuleList(convt(ws[i + 1], ws[i], 2, stride=2) for i in range(levels))
         self.dec = nn.ModuleList(conv_block(conv, 2 * ws[i], ws[i]) for i in range(levels))
         self.head = conv(ws[0], num_classes, 1)
 
     def forward(self, levels, spacings=None):
         x0 = levels[0]
-        x = pad_to_multiple((x0 - 0.5) / 0.25, 2 ** len(self.up))
+        x = pad_to_multiple(normalize(x0), 2 ** len(self.up))
         skips = []
         for i, down in enumerate(self.down):
             x = down(x if i == 0 else self.pool(x))
@@ -387,7 +434,7 @@ def build_seg_model(model="rat", num_classes=1, ref_size=None, head="refine", **
 
 
 def small_cnn(width):
-    """A plain conv body for the `cnn` detector baseline: a stride-4 stem, then four stages
+    """A plain conv body for the `cnn` detector baseline: a stride-2 stem, then four stages
     that halve the resolution (strides 4, 8, 16, 32 as ResNet's), GroupNorm as everywhere."""
     ws = [width * 2 ** i for i in range(4)]
     body = nn.Sequential(OrderedDict(
@@ -435,3 +482,48 @@ def fcos(backbone, strides, mean, std, num_classes, image_size, head_convs):
     head = FCOSHead(backbone.out_channels, 1, num_classes + 1, num_convs=head_convs)
     return FCOS(backbone, num_classes + 1, min_size=image_size, max_size=image_size, image_mean=mean,
                 image_std=std, anchor_generator=anchors, head=head)
+
+
+# ---------------------------------------------------------------------------------------
+# a model from its arguments, and checkpoints
+# ---------------------------------------------------------------------------------------
+
+# Architecture arguments: train.py stores them in every checkpoint (with the other
+# flags), so that eval.py rebuilds the same model from the checkpoint alone.
+ARCH = ("task", "model", "image_size", "scales", "pe", "sga", "depth", "dim", "heads", "patch", "strides",
+        "dropout", "num_classes", "token_grid", "head", "stem")
+# What checkpoints from before an argument existed were trained with (--head is seg RAT's only).
+LEGACY_ARCH = {"token_grid": "pixel", "head": "linear", "stem": "patch"}
+
+
+def build_model(arch):
+    """The model that a dict of ARCH arguments (train.py's flags) describes."""
+    rat = dict(dim=arch["dim"], depth=arch["depth"], heads=arch["heads"], patch=arch["patch"],
+               strides=arch["strides"], pe=arch["pe"], sga=arch["sga"], dropout=arch["dropout"],
+               ref_size=arch["image_size"] if arch["token_grid"] == "physical" else None, stem=arch["stem"])
+    if arch["task"] == "seg":
+        return build_seg_model(arch["model"], num_classes=1, head=arch["head"], **rat)
+    return build_detector(arch["model"], num_classes=arch["num_classes"], image_size=arch["image_size"],
+                          scales=arch["scales"], **rat)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, pickled code, not a checkpoint at all
+        raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def load_run(path, task=None):
+    """A train.py checkpoint -> (its arguments, filled for older checkpoints, and the state dict),
+    checked against `task` when given."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise ValueError(f"{path}: not a train.py checkpoint (no 'model' and 'args' entries)")
+    args = {**LEGACY_ARCH, **ckpt["args"]}
+    missing = [k for k in ARCH if k not in args]
+    if missing:
+        raise ValueError(f"{path}: checkpoint args lack {', '.join(missing)}")
+    if task is not None and task != args["task"]:
+        raise ValueError(f"--task {task}: checkpoint is for task {args['task']} ({path})")
+    return args, ckpt["model"]

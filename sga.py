@@ -36,30 +36,14 @@ import torch.nn.functional as F
 from rose import RoSE, positions, rotate, rotate_planes
 
 SGA_CHOICES = ("local", "dense", "none")
-CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def out_grid(grid, stride):
     return tuple(math.ceil(g / stride) for g in grid)
 
 
-def to_blocks(x, grid, stride):
-    """[B, N, C] on `grid` -> [B, n_groups, S^D, C], zero-padded to a multiple of S."""
-    B, _, C = x.shape
-    D, S = len(grid), stride
-    go = out_grid(grid, S)
-    x = x.reshape(B, *grid, C)
-    pad = []
-    for g, o in zip(reversed(grid), reversed(go)):
-        pad += [0, o * S - g]
-    x = F.pad(x, [0, 0] + pad)                                   # [B, *go*S, C]
-    x = x.reshape(B, *[v for o in go for v in (o, S)], C)        # [B, o1, S, o2, S, .., C]
-    perm = [0] + [1 + 2 * d for d in range(D)] + [2 + 2 * d for d in range(D)] + [2 * D + 1]
-    return x.permute(perm).reshape(B, math.prod(go), S ** D, C)
-
-
 def from_blocks(x, grid, stride):
-    """Inverse of to_blocks: [B, n_groups, S^D, C] -> [B, N, C] on `grid` (padding cropped)."""
+    """Inverse of head_blocks with one head: [B, n_groups, S^D, C] -> [B, N, C] on `grid` (padding cropped)."""
     B, _, _, C = x.shape
     D, S = len(grid), stride
     go = out_grid(grid, S)
@@ -189,7 +173,7 @@ class SGA(nn.Module):
         super().__init__()
         self.heads, self.stride, self.mode = heads, stride, mode
         self.radius, self.iters, self.pe, self.eps = radius, iters, pe, eps
-        self.init = CONV[spatial_dims](dim, dim, kernel_size=stride, stride=stride)
+        self.init = getattr(nn, f"Conv{spatial_dims}d")(dim, dim, kernel_size=stride, stride=stride)
         if mode == "none":
             return
         self.norm_x, self.norm_g, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -239,12 +223,12 @@ class SGA(nn.Module):
     def _local_forward(self, x, groups, grid, spacing, go, so, S):
         """Local grouping. Layout: heads folded into the batch, fine tokens in blocks of
         their home group: kb, vb [Bh, M, S^D, d]; logits and A [Bh, M, K, S^D] (softmax
-        over K on a dim that is not the last: ~10x faster on CPU than over a last
-        dim of 9). v carries an extra channel, 1 for real tokens and 0 for padding, so the
+        over K on a dim that is not the last: faster on CPU than over a last dim
+        of 9). v carries an extra channel, 1 for real tokens and 0 for padding, so the
         mass sum_i A_ij comes out of the same matmul and scatter as the weighted sum,
         and padding gets no weight without masking A. RoSE turns k in the token
         layout with k's channels regrouped as [x1 | x2 | rest] (rows of heads * P
-        contiguous floats, not P = 4: 3x faster products); the one copy into the
+        contiguous floats, not P = 4: faster products); the one copy into the
         block layout puts every head's channels back in order."""
         B, N, C = x.shape
         M = groups.shape[1]

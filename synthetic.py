@@ -7,10 +7,6 @@ pixel centers (i + 0.5) / size. Every sinusoid is multiplied by the box-filter r
 of one pixel (a sinc) and every edge is ramped over one pixel, so a 64 px render is close
 to the area average of a 1024 px render of the same scene: a resolution sweep measures
 real detail, not aliasing, and each pyramid level is rendered at its own size.
-
-Render speed, one process on a shared 2-core CPU (`python data.py --bench`):
-    lesions 96 px: 470 samples/s, 256 px: 110 samples/s (one pyramid level each)
-    shapes  96 px: 760 samples/s, 256 px: 200 samples/s
 """
 import math
 

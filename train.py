@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -27,18 +28,28 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import (COCO_VAL_SIZE, DetDataset, SegDataset, boxes_to_original, det_collate, level_sizes, parse_scales,
-                  seg_collate)
+from data import (COCO_VAL_SIZE, DetDataset, SegDataset, atomic_open, boxes_to_original, check_size, det_collate,
+                  parse_scales, read_original_masks, seg_collate)
 from metrics import SEG_METRICS, coco_ap, score_logits
-from model import build_detector, build_seg_model, num_params, set_detector_size
+from model import ARCH, LEGACY_ARCH, autocast, build_model, load_checkpoint, num_params, set_detector_size
 from rose import PE_CHOICES
 from sga import SGA_CHOICES
 
-# Architecture flags: stored in every checkpoint, so eval.py rebuilds the same model.
-ARCH = ("task", "model", "image_size", "scales", "pe", "sga", "depth", "dim", "heads", "patch", "strides",
-        "dropout", "num_classes", "token_grid", "head")
-# What checkpoints from before a flag existed were trained with (--head is seg RAT's only).
-LEGACY_ARCH = {"token_grid": "pixel", "head": "linear"}
+# Training flags: resuming with other values would repeat or skip samples (the mid-epoch
+# position is counted in steps of the saved batch and data) or bend the LR schedule.
+TRAINING = ("data", "batch_size", "epochs", "lr", "weight_decay", "warmup", "clip", "train_size", "train_sizes",
+            "val_size", "coco_val_size", "seed")
+# The numeric flags' accepted values, checked before any work starts (None: the task's default).
+RANGES = [
+    (("image_size", "epochs", "patch", "depth", "dim", "heads", "batch_size", "train_size", "val_size",
+      "coco_val_size", "sync_every"), lambda v: v >= 1, "a positive integer"),
+    (("workers", "ckpt_every"), lambda v: v >= 0, "an integer >= 0"),
+    (("seed",), lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
+    (("lr", "dist_timeout"), lambda v: 0 < v < math.inf, "a finite number > 0"),
+    (("weight_decay", "clip"), lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    (("warmup",), lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
+]
 
 
 def get_args_parser():
@@ -67,6 +78,10 @@ def get_args_parser():
     p.add_argument("--head", default="refine", choices=["refine", "linear"],
                    help="seg RAT's pixel head: refine (default), two 3x3 convs at full resolution on the image "
                         "and the coarse prediction; linear, one 3x3 conv on the image (the head before refine)")
+    p.add_argument("--stem", default="patch", choices=["patch", "conv"],
+                   help="RAT: patch (default), the patch projection alone; conv, two 32-channel 3x3 convs at full "
+                        "resolution first (dilated with the zoom on the physical grid): more accurate at the training "
+                        "size, but slower and behind the resize baseline above it (RESULTS.md)")
     p.add_argument("--token-grid", default="physical", choices=["physical", "pixel"],
                    help="RAT: physical (default) zooms the stem kernel and the first grouping stride with the "
                         "input's resolution relative to --image-size, so deep tokens keep their physical spacing at "
@@ -85,6 +100,9 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
     p.add_argument("--ckpt-every", type=int, default=0, help="also save ckpt_last.pt every N steps (0: per epoch)")
+    p.add_argument("--sync-every", type=int, default=10,
+                   help="steps between the checks for a non-finite loss and for SIGTERM (one collective, which "
+                        "waits for the GPU): a SIGTERM is saved within this many steps")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend inductor by default): faster GPU steps after minutes "
                         "of compiling; aot_eager traces without generating code")
@@ -92,6 +110,9 @@ def get_args_parser():
     p.add_argument("--dist-backend", default=None,
                    help="torch.distributed backend (default nccl on CUDA, gloo on CPU); cuda:gloo registers gloo "
                         "for CUDA tensors only, as NCCL, so that 2 ranks can share one GPU")
+    p.add_argument("--dist-timeout", type=float, default=60,
+                   help="minutes a rank may wait in a collective before the job fails; the other ranks of a node "
+                        "wait in one while its first process caches ISIC or parses COCO (NCCL's default: 10)")
     p.add_argument("--cache-dir", default=None,
                    help="where ISIC's decoded, resized copies go (default <data-dir>/.cache; use this when the "
                         "dataset folder is read-only)")
@@ -101,13 +122,15 @@ def get_args_parser():
 def fill_defaults(args):
     """Task-dependent defaults: small enough that the built-in data trains in minutes on a CPU."""
     seg = args.task == "seg"
-    for flag in ("image_size", "epochs", "patch"):  # 0 is a mistake, not a request for the default
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    for flags, accepts, accepted in RANGES:  # 0 is a mistake, not a request for the default
+        for flag in flags:
+            value = getattr(args, flag)
+            if value is not None and not accepts(value):
+                raise ValueError(f"--{flag.replace('_', '-')} must be {accepted}, got {value}")
     args.image_size = args.image_size or (64 if seg else 128)
     args.patch = args.patch or (2 if seg else 4)
     if args.strides is None and not seg:  # keep stride-8 features for small objects
-        args.strides = ",".join(map(str, [2, 2] + [1] * (args.depth - 2)))
+        args.strides = ([2, 2] + [1] * args.depth)[:args.depth]
     args.epochs = args.epochs or (8 if seg else 12)
     args.out = args.out or os.path.join("runs", args.task)
     if args.model in (("cnn", "resnet") if seg else ("unet",)):
@@ -139,14 +162,10 @@ def parse_train_sizes(text, args):
         sizes = sorted({int(v) for v in text.split(",")})
     except ValueError:
         raise ValueError(f"--train-sizes: expected comma-separated integers like 32,48,64,96,128, got {text!r}") from None
-    patch = args.patch if args.model == "rat" else 1
-    for size in sizes:  # the stem needs a patch of real pixels on every pyramid level
+    for size in sizes:
         if size < 1:
             raise ValueError(f"--train-sizes: every size must be a positive integer, got {size}")
-        coarsest = min(level_sizes(size, args.scales)[-1])
-        if coarsest < patch:
-            raise ValueError(f"--train-sizes: {size} is too small: its coarsest pyramid level would be {coarsest} px, "
-                             f"below the stem patch of {patch} px")
+        check_size(size, args.scales, args.patch if args.model == "rat" else 1, "--train-sizes")
     return sizes
 
 
@@ -156,25 +175,18 @@ def step_size(args, step):
     return args.train_sizes[np.random.default_rng([args.seed, step, 11]).integers(len(args.train_sizes))]
 
 
-def build_model(args):
-    rat = dict(dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch, strides=args.strides,
-               pe=args.pe, sga=args.sga, dropout=args.dropout)
-    rat["ref_size"] = args.image_size if args.token_grid == "physical" else None
-    if args.task == "seg":
-        return build_seg_model(args.model, num_classes=1, head=args.head, **rat)
-    return build_detector(args.model, num_classes=args.num_classes, image_size=args.image_size,
-                          scales=args.scales, **rat)
-
-
 def build_datasets(args):
     common = dict(source=args.data, image_size=args.image_size, data_dir=args.data_dir, seed=args.seed)
     if args.task == "seg":
-        cache = args.cache_dir and os.path.join(args.cache_dir, f"{args.image_size}x{args.image_size}")
-        train = SegDataset(split="train", scales=args.scales, augment=True, length=args.train_size, cache_dir=cache,
-                           **common)
-        # ISIC is validated as the challenge scores: on each image's original mask
-        val = SegDataset(split="val", scales=args.scales, length=args.val_size, original_masks=args.data == "isic",
-                         cache_dir=cache, **common)
+        # ISIC's training copies are decoded at the largest size a step draws: larger --train-sizes
+        # than --image-size then carry real detail, not an upsampled cache
+        train = SegDataset(split="train", scales=args.scales, augment=True, length=args.train_size,
+                           cache_dir=args.cache_dir, cache_size=max(args.train_sizes or [args.image_size]), **common)
+        # ISIC is validated as the challenge scores: on each image's original mask, which evaluate()
+        # reads itself (the loader carries indices: masks of up to 24 MB would overflow the
+        # workers' shared memory)
+        val = SegDataset(split="val", scales=args.scales, length=args.val_size, with_masks=args.data != "isic",
+                         cache_dir=args.cache_dir, **common)
     else:
         common["coco_val_size"] = args.coco_val_size  # COCO: val is a fixed hold-out of train2017
         train = DetDataset(split="train", augment=True, length=args.train_size, **common)
@@ -214,7 +226,10 @@ def evaluate(model, loader, args, device):
     model.eval()
     if args.task == "seg":
         total = torch.zeros(len(SEG_METRICS) + 1, dtype=torch.float64, device=device)
+        dataset = getattr(loader.dataset, "dataset", loader.dataset)     # through this rank's Subset
         for levels, masks in loader:
+            if not dataset.with_masks:        # the loader carries indices (build_datasets says why)
+                masks = read_original_masks(dataset, masks.tolist())
             with autocast(device):
                 logits = model([x.to(device) for x in levels])
             scores, _ = score_logits(logits, masks)  # [B, 5], at the truth's size (ISIC: the original)
@@ -236,35 +251,12 @@ def evaluate(model, loader, args, device):
     return {**coco_ap(gts, dets, num_classes=args.num_classes), "val_images": len(gts)}
 
 
-def autocast(device):
-    # bf16 on GPUs; on CPU we stay in float32 (bf16 matmuls are slow on most CPUs).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-# ---------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a
-    half-written checkpoint in place of the last good one."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickled code, not a checkpoint at all
-        raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+def read_metrics(path):
+    """metrics.jsonl's records: none before the first validation."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def lr_lambda(total_steps, warmup):
@@ -273,11 +265,12 @@ def lr_lambda(total_steps, warmup):
 
 
 # ---------------------------------------------------------------------------------------
-# main loop
+# distributed
 # ---------------------------------------------------------------------------------------
 
-def setup_distributed(backend=None):
-    """(rank, world size, local rank, device) from torchrun's environment, or a single process."""
+def setup_distributed(backend=None, timeout=None):
+    """(rank, world size, local rank, device) from torchrun's environment, or a single process.
+    timeout: how long a collective may wait (a timedelta; None: the backend's default)."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device("cuda" if cuda else "cpu")
@@ -306,7 +299,7 @@ def setup_distributed(backend=None):
             raise ValueError("several nodes with --max-restarts: run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
                              "on every node, or a restarted job hangs (restart counts differ between nodes)")
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return rank, world, local, device
 
 
@@ -350,9 +343,10 @@ def set_rng_state(state, device):
 
 
 class Preemption:
-    """SIGTERM (torchrun, a scheduler). Inside the training loop: finish the step, save, exit,
-    every rank at the same step. Anywhere else (caching data, validation, whose epoch was
-    saved before it started) there is nothing unsaved: exit at once, inside torchrun's grace period."""
+    """SIGTERM (torchrun, a scheduler). Inside the training loop: save at the next check
+    (--sync-every), then exit, every rank at the same step. Anywhere else (caching data,
+    validation, whose epoch was saved before it started) there is nothing unsaved: exit at once,
+    inside torchrun's grace period."""
 
     def __init__(self):
         self.asked, self.in_training = False, False
@@ -364,14 +358,175 @@ class Preemption:
         self.asked = True
 
 
+def ignore_sigterm(worker_id):
+    """DataLoader workers: torchrun and scancel signal the whole process group, and a worker
+    killed by it would fail the step before the main process could save. Its parent ends it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints and resuming
+# ---------------------------------------------------------------------------------------
+
+def build_optimizer(model, args, total_steps):
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "freqs" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "freqs" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup))
+
+
+def save(path, raw_model, optimizer, scheduler, progress, args, device):
+    """Called on every rank (the RNG states are gathered); rank 0 writes."""
+    # A finite loss can still come with an update that overflows: never save such weights.
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        raise FloatingPointError(f"non-finite weights after step {progress['step']}; the last good checkpoint "
+                                 f"is kept: {os.path.join(args.out, 'ckpt_last.pt')}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rng = gather_rows(rng_state(device).double(), rank, world, device).to(torch.uint8)  # [world, n]
+    if rank == 0:
+        with atomic_open(path) as f:
+            torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), **progress, "rng": rng, "args": vars(args)}, f)
+
+
+def resume(raw_model, optimizer, scheduler, args, steps_per_epoch, rank, world, device):
+    """-> progress {step, validated, best}: from ckpt_last.pt, or a fresh start. step: optimizer
+    steps taken; validated: epochs whose validation has run (a checkpoint written on an epoch's
+    last step, before its validation, resumes with that validation)."""
+    progress = {"step": 0, "validated": 0, "best": -math.inf}
+    path = os.path.join(args.out, "ckpt_last.pt")
+    ckpt = load_checkpoint(path) if os.path.exists(path) else None
+    # Every rank must resume from the same step, or the collectives go out of step and hang.
+    found = gather_rows([ckpt["step"] if ckpt else -1], rank, world, device)[:, 0]
+    if found.min() != found.max():
+        raise ValueError(f"{path}: ranks see different run folders (steps {found.int().tolist()}, -1: none); "
+                         "the run folder (--out) must be visible to every node, e.g. on a shared filesystem")
+    if ckpt:
+        check_same_run(path, ckpt["args"], args)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        progress = {"step": ckpt["step"], "validated": ckpt.get("validated", ckpt["step"] // steps_per_epoch),
+                    "best": ckpt["best"]}
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:  # another number of processes: new streams, still different per rank and per resume
+            torch.manual_seed(args.seed + 1000 * (rank + 1) + progress["step"])
+        if rank == 0:
+            print(f"resuming {path} at step {progress['step']}/{steps_per_epoch * args.epochs}")
+    if rank == 0:
+        repair_metrics_log(progress, args, steps_per_epoch)
+    # rank 0 decided: every rank needs `validated` and `best` for the same collectives
+    validated, best = gather_rows([progress["validated"], progress["best"]], rank, world, device)[0].tolist()
+    return {**progress, "validated": int(validated), "best": best}
+
+
+def check_same_run(path, saved, args):
+    """A resume must be the run that was started: another model cannot load the weights, and other
+    training flags would repeat or skip samples mid-epoch, or bend the LR schedule."""
+    saved_arch = {**LEGACY_ARCH, **saved}
+    keys = ARCH if args.task == "seg" else [k for k in ARCH if k != "head"]  # det ignores the seg head
+    changed = {k: (saved_arch.get(k), vars(args).get(k)) for k in keys if saved_arch.get(k) != vars(args).get(k)}
+    if changed:
+        raise ValueError(f"{path}: run folder holds a different model {changed}; use a new --out")
+    retrained = [f"--{k.replace('_', '-')} {vars(args)[k]} (saved: {saved[k]})" for k in TRAINING
+                 if k in saved and saved[k] != vars(args)[k]]
+    if retrained:
+        raise ValueError(f"{path}: the run was started with other training flags: {', '.join(retrained)}; "
+                         "resume with the saved values or use a new --out (a longer --epochs too: the cosine "
+                         "schedule is laid out for the saved one)")
+
+
+def repair_metrics_log(progress, args, steps_per_epoch):
+    """One metrics.jsonl line per validated epoch. A line past `validated` comes from a validation
+    that ckpt_last (written last) does not record, and that this run repeats: drop it. Run folders
+    of the earlier write order (ckpt_last first) could lose the epoch's ckpt_best and line in a
+    crash between the writes; the weights are still that epoch's: validate them again."""
+    path = os.path.join(args.out, "metrics.jsonl")
+    logged = read_metrics(path)
+    records = [r for r in logged if r["epoch"] <= progress["validated"]]
+    validated, key = progress["validated"], "dice" if args.task == "seg" else "AP"
+    lost = [r["epoch"] for r in records] == list(range(1, validated)) and progress["step"] == validated * steps_per_epoch
+    if validated and lost:
+        progress.update(validated=validated - 1, best=max([r[key] for r in records], default=-math.inf))
+    if len(records) < len(logged):
+        with atomic_open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+# ---------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------
+
+def train_one_epoch(model, raw_model, loader, optimizer, scheduler, progress, epoch, args, device, preemption):
+    """One pass over `loader` (the rest of the epoch when resuming). -> mean training loss, or None
+    when no step was left. SIGTERM: saves ckpt_last.pt at the next check and exits 143."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    loss_fn = seg_loss if args.task == "seg" else det_loss
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+    seen, checked = 0, progress["step"]  # checked: the losses up to this step were finite
+    # [loss sum, non-finite losses] on the device: reading them at every step would make the CPU
+    # wait for the GPU, step after step
+    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    preemption.in_training = True
+    for batch in bar:
+        if args.task == "det" and args.train_sizes:
+            set_detector_size(raw_model, batch[0][0].shape[-1])
+        with autocast(device) if args.task == "seg" else nullcontext():  # det: its backbone autocasts
+            loss = loss_fn(model, batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
+        optimizer.step()
+        scheduler.step()
+        progress["step"], seen = progress["step"] + 1, seen + 1
+        stats += torch.stack([loss.detach().double(), loss.detach().isfinite().logical_not().double()])
+        step = progress["step"]
+        ckpt_due = args.ckpt_every and step % args.ckpt_every == 0
+        if not (ckpt_due or step % args.sync_every == 0 or seen == len(loader)):
+            continue
+        # One collective for both checks, on every rank at the same steps. Weights updated by a
+        # non-finite loss are never saved: the check comes first (and save() checks the weights).
+        non_finite, stop = all_sum(torch.cat([stats[1:], stats.new_tensor([preemption.asked])]), device).tolist()
+        if non_finite:
+            raise FloatingPointError(f"non-finite loss in steps {checked + 1}-{step} (epoch {epoch + 1}); the last "
+                                     f"good checkpoint is kept: {os.path.join(args.out, 'ckpt_last.pt')}")
+        checked = step
+        if master:
+            bar.set_postfix(loss=f"{stats[0].item() / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if stop or ckpt_due:
+            last = os.path.join(args.out, "ckpt_last.pt")
+            save(last, raw_model, optimizer, scheduler, progress, args, device)
+            if stop:
+                if master:
+                    print(f"SIGTERM: saved {last} at step {step}; rerun the same command to resume")
+                cleanup()
+                sys.exit(143)
+    preemption.in_training = False
+    return stats[0].item() / seen if seen else None
+
+
+def epoch_loader(train_set, sampler, epoch, progress, steps_per_epoch, local_batch, loader_args, args):
+    """This epoch's batches. Resuming mid-epoch: the same order as before, minus the batches
+    already done (none left when the checkpoint was written at the epoch's end, before validation)."""
+    sampler.set_epoch(epoch)
+    train_set.set_epoch(epoch)
+    step = progress["step"]
+    order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch: steps_per_epoch * local_batch]
+    if args.train_sizes:  # dataset keys (index, size): the k-th sample belongs to step `step + k // local_batch`
+        order = [(i, step_size(args, step + k // local_batch)) for k, i in enumerate(order)]
+    return DataLoader(train_set, sampler=order, drop_last=True, **loader_args)
+
+
 def main(args):
-    rank, world, local_rank, device = setup_distributed(args.dist_backend)
+    rank, world, local_rank, device = setup_distributed(args.dist_backend, timedelta(minutes=args.dist_timeout))
     master = rank == 0
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     os.makedirs(args.out, exist_ok=True)
     preemption = Preemption()
-
     # One process per node decodes and caches the dataset while the others wait, then read the cache.
     if local_rank != 0:
         all_sum(0, device)
@@ -380,134 +535,60 @@ def main(args):
         all_sum(0, device)
     args.num_classes = getattr(train_set, "num_classes", 1)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args).to(device)
+    raw_model = build_model(vars(args)).to(device)
     if args.task == "det" and device.type == "cuda":
-        model.backbone.amp_dtype = torch.bfloat16  # boxes, losses and NMS stay in float32
+        raw_model.backbone.amp_dtype = torch.bfloat16  # boxes, losses and NMS stay in float32
     if args.channels_last:  # before the optimizer and the checkpoint see the parameters
-        model = model.to(memory_format=torch.channels_last)  # conv weights; their outputs follow
+        raw_model = raw_model.to(memory_format=torch.channels_last)  # conv weights; their outputs follow
     local_batch = args.batch_size // world
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} samples)")
-    total_steps = steps_per_epoch * args.epochs
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "freqs" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "freqs" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup))
-    # Each rank draws its own random stream (dropout masks differ across GPUs).
-    torch.manual_seed(args.seed + 1000 * (rank + 1))
-
-    # step: optimizer steps taken; validated: epochs whose validation has run (a checkpoint
-    # written on an epoch's last step, before its validation, resumes with that validation).
-    step, validated, best = 0, 0, -math.inf
-    last_path, best_path = os.path.join(args.out, "ckpt_last.pt"), os.path.join(args.out, "ckpt_best.pt")
-    ckpt = load_checkpoint(last_path) if os.path.exists(last_path) else None
-    # Every rank must resume from the same step, or the collectives go out of step and hang.
-    found = gather_rows([ckpt["step"] if ckpt else -1], rank, world, device)[:, 0]
-    if found.min() != found.max():
-        raise ValueError(f"{last_path}: ranks see different run folders (steps {found.int().tolist()}, -1: none); "
-                         "the run folder (--out) must be visible to every node, e.g. on a shared filesystem")
-    if ckpt:
-        saved = {**LEGACY_ARCH, **ckpt["args"]}
-        keys = ARCH if args.task == "seg" else [k for k in ARCH if k != "head"]  # det ignores the seg head
-        changed = {k: (saved.get(k), vars(args).get(k)) for k in keys if saved.get(k) != vars(args).get(k)}
-        if changed:
-            raise ValueError(f"{last_path}: run folder holds a different model {changed}; use a new --out")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, validated, best = ckpt["step"], ckpt.get("validated", ckpt["step"] // steps_per_epoch), ckpt["best"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:  # another number of processes: new streams, still different per rank and per resume
-            torch.manual_seed(args.seed + 1000 * (rank + 1) + step)
-        if master:
-            print(f"resuming {last_path} at step {step}/{total_steps}")
+    optimizer, scheduler = build_optimizer(raw_model, args, steps_per_epoch * args.epochs)
+    torch.manual_seed(args.seed + 1000 * (rank + 1))  # each rank its own stream (dropout masks differ)
+    progress = resume(raw_model, optimizer, scheduler, args, steps_per_epoch, rank, world, device)
     if master:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        print(f"{args.model} {args.task}: {num_params(model) / 1e6:.2f}M parameters, {world} process(es) on {device} "
-              f"({torch.get_num_threads()} threads each), {len(train_set)} train / {len(val_set)} val samples, "
-              f"{total_steps} steps")
-    ddp = DDP(model) if world > 1 else model
+        print(f"{args.model} {args.task}: {num_params(raw_model) / 1e6:.2f}M parameters, {world} process(es) on "
+              f"{device} ({torch.get_num_threads()} threads each), {len(train_set)} train / {len(val_set)} val "
+              f"samples, {steps_per_epoch * args.epochs} steps")
+    model = DDP(raw_model) if world > 1 else raw_model
     if args.compile:  # after DDP, so that the compiled graph splits at DDP's gradient buckets
-        ddp = torch.compile(ddp, backend=args.compile)
-
-    def checkpoint(path):
-        """Called on every rank (the RNG states are gathered); rank 0 writes."""
-        # A finite loss can still come with an update that overflows: never save such weights.
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise FloatingPointError(f"non-finite weights after step {step}; the last good checkpoint is kept: {last_path}")
-        rng = gather_rows(rng_state(device).double(), rank, world, device).to(torch.uint8)  # [world, n]
-        if master:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "step": step, "validated": validated,
-                         "best": best, "rng": rng, "args": vars(args)}, path)
-
-    loss_fn = seg_loss if args.task == "seg" else det_loss
-    collate = seg_collate if args.task == "seg" else det_collate
+        model = torch.compile(model, backend=args.compile)
     # Loaders get a generator of their own: drawing their seed from the global one would shift
     # the dropout stream by one draw per loader, so a resumed run would not repeat the original.
-    loader_args = dict(batch_size=local_batch, num_workers=args.workers, collate_fn=collate,
+    loader_args = dict(batch_size=local_batch, num_workers=args.workers, worker_init_fn=ignore_sigterm,
+                       collate_fn=seg_collate if args.task == "seg" else det_collate,
                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
     val_loader = DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), **loader_args)
-    for epoch in range(validated, args.epochs):
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        # Resuming mid-epoch: the same order as before, minus the batches already done
-        # (none left when the checkpoint was written at the epoch's end, before validation).
-        order = list(sampler)[(step - epoch * steps_per_epoch) * local_batch: steps_per_epoch * local_batch]
-        if args.train_sizes:  # dataset keys (index, size): the k-th sample belongs to step `step + k // local_batch`
-            order = [(i, step_size(args, step + k // local_batch)) for k, i in enumerate(order)]
-        loader = DataLoader(train_set, sampler=order, drop_last=True, **loader_args)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-        t0, seen, loss_sum = time.time(), 0, 0.0
-        preemption.in_training = True
-        for batch in bar:
-            if args.task == "det" and args.train_sizes:
-                set_detector_size(model, batch[0][0].shape[-1])
-            with autocast(device) if args.task == "seg" else nullcontext():  # det: its backbone autocasts
-                loss = loss_fn(ddp, batch, device)
-            if all_sum(0.0 if torch.isfinite(loss) else 1.0, device).item():
-                raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch + 1}); "
-                                         f"the last good checkpoint is kept: {last_path}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
-            scheduler.step()
-            step, seen, loss_sum = step + 1, seen + 1, loss_sum + loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            stop = all_sum(float(preemption.asked), device).item() > 0
-            if stop or (args.ckpt_every and step % args.ckpt_every == 0):
-                checkpoint(last_path)
-                if stop:
-                    if master:
-                        print(f"SIGTERM: saved {last_path} at step {step}; rerun the same command to resume")
-                    cleanup()
-                    sys.exit(143)
-        preemption.in_training = False
+    checkpoint = lambda name: save(os.path.join(args.out, name), raw_model, optimizer, scheduler, progress, args, device)
+    for epoch in range(progress["validated"], args.epochs):
+        t0 = time.time()
+        loader = epoch_loader(train_set, sampler, epoch, progress, steps_per_epoch, local_batch, loader_args, args)
+        train_loss = train_one_epoch(model, raw_model, loader, optimizer, scheduler, progress, epoch, args, device,
+                                     preemption)
         if args.task == "det":
-            set_detector_size(model, args.image_size)
-        checkpoint(last_path)  # the epoch's training is safe before validation starts
+            set_detector_size(raw_model, args.image_size)
+        checkpoint("ckpt_last.pt")  # the epoch's training is safe before validation starts
         # The plain module, not DDP: a rank with no validation batch must not miss a
         # collective that DDP's forward would start on the others.
-        metrics = evaluate(model, val_loader, args, device)
+        metrics = evaluate(raw_model, val_loader, args, device)
         key = "dice" if args.task == "seg" else "AP"
-        is_best = metrics[key] > best
-        best, validated = max(best, metrics[key]), epoch + 1
-        checkpoint(last_path)
+        is_best = metrics[key] > progress["best"]
+        progress.update(best=max(progress["best"], metrics[key]), validated=epoch + 1)
+        # ckpt_last last: until it says `validated`, a rerun repeats this validation, which rewrites
+        # ckpt_best and the epoch's line (a line already written is dropped by repair_metrics_log).
         if is_best:
-            checkpoint(best_path)
+            checkpoint("ckpt_best.pt")
         if master:
-            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen if seen else None,
+            record = {"epoch": epoch + 1, "step": progress["step"], "train_loss": train_loss,
                       "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0, **metrics}
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        checkpoint("ckpt_last.pt")
     cleanup()
 
 

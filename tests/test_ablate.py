@@ -1,4 +1,4 @@
-"""ablate.sh and ablate_table.py: the study writes its table, skips finished runs,
+"""ablate.sh and tools/ablate_table.py: the study writes its table, skips finished runs,
 resumes after a kill, and reports a run that runs out of memory. Tiny preset, CPU."""
 import csv
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def study_env(out, variants, **extra):
@@ -36,6 +36,7 @@ def mtimes(run_dir):
             for dp, _, files in os.walk(run_dir) for p in files if not p.endswith(".log")}
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_and_finished_runs_are_skipped(tmp_path):
     out = tmp_path / "study"
     env = study_env(out, "default,pe_none")
@@ -74,6 +75,7 @@ def test_killed_study_resumes_and_finished_runs_are_skipped(tmp_path):
     assert {d: mtimes(out / "runs" / d) for d in snapshot} == snapshot
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_recorded_and_the_study_goes_on(tmp_path):
     # A `python` in front of the real one: train.py with --sga dense dies like a CPU out-of-memory.
     shim = tmp_path / "bin"
@@ -108,6 +110,7 @@ def fake_run(run_dir, dice, size=32):
     (run_dir / "eval" / "results.json").write_text(json.dumps({"rows": rows}))
 
 
+@pytest.mark.slow
 def test_table_statistics_and_comparisons(tmp_path):
     (tmp_path / "variants.tsv").write_text("variant\tflags\ndefault\t\npe_none\t--pe none\nsga_dense\t--sga dense\n")
     runs = tmp_path / "runs"
@@ -117,7 +120,7 @@ def test_table_statistics_and_comparisons(tmp_path):
     fake_run(runs / "pe_none_s1", (0.5, 0.64, 0.7))
     os.makedirs(runs / "sga_dense_s0")
     (runs / "sga_dense_s0" / "does_not_fit.txt").write_text("exit status 1\nout of memory\n")
-    run = subprocess.run([sys.executable, "ablate_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
+    run = subprocess.run([sys.executable, "tools/ablate_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     rows = {r["variant"]: r for r in csv_rows(tmp_path)}
@@ -131,14 +134,14 @@ def test_table_statistics_and_comparisons(tmp_path):
     assert "sga_dense" not in table.split("Differences")[1]  # nothing to compare
 
 
-def test_readme_shows_the_table_the_study_wrote():
-    readme = open(os.path.join(ROOT, "README.md")).read()
+def test_results_doc_shows_the_table_the_study_wrote():
+    readme = open(os.path.join(ROOT, "RESULTS.md")).read()
     start, end = "<!-- begin ablations/cpu/results.md -->\n", "\n<!-- end ablations/cpu/results.md -->"
     shown = readme[readme.index(start) + len(start):readme.index(end)]
     assert shown == open(os.path.join(ROOT, "ablations", "cpu", "results.md")).read().rstrip()
 
 
-# --- the resolution robustness study (PRESET=robust, robust_table.py) ---------------------
+# --- the resolution robustness study (PRESET=robust, tools/robust_table.py) ---------------
 
 def robust_env(out, variants, **extra):
     """PRESET=robust at tiny sizes: 32 px (multi: 16..64 px), tested at 16, 32, 64, 128 px."""
@@ -146,6 +149,7 @@ def robust_env(out, variants, **extra):
                      SEEDS="1", **extra)
 
 
+@pytest.mark.slow
 def test_robust_study_writes_table_and_plot(tmp_path):
     # one real run (RAT, multi-size) through the whole preset; the table's arithmetic with
     # several models, recipes and seeds is checked on made-up runs below
@@ -180,6 +184,7 @@ def test_robust_study_writes_table_and_plot(tmp_path):
     assert "skip rose_multi seed 1 (finished)" in log and "] train " not in log and "] evaluated " not in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, models", [
     ("robust", ("rose", "rope", "absolute", "none", "unet")), ("robust_det", ("rat", "cnn", "resnet"))])
 def test_robust_presets_list_every_model_and_recipe(tmp_path, preset, models):
@@ -203,6 +208,7 @@ def fake_robust_run(run_dir, native, resized, train_sizes=None, size=32):
     (run_dir / "eval" / "results.json").write_text(json.dumps({"rows": rows}))
 
 
+@pytest.mark.slow
 def test_robust_table_statistics(tmp_path):
     (tmp_path / "variants.tsv").write_text(
         "variant\tflags\nrose_single\t--pe rose\nrose_multi\t--pe rose --train-sizes 16,32,64\nunet_single\t--model unet\n")
@@ -212,7 +218,7 @@ def test_robust_table_statistics(tmp_path):
     fake_robust_run(runs / "rose_multi_s0", (0.7, 0.80, 0.8, 0.8), (0.6, 0.80, 0.7, 0.7), train_sizes=[16, 32, 64])
     os.makedirs(runs / "unet_single_s0")
     (runs / "unet_single_s0" / "failed.txt").write_text("exit status 1\nboom\n")
-    run = subprocess.run([sys.executable, "robust_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
+    run = subprocess.run([sys.executable, "tools/robust_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     rows = {(r["model"], r["recipe"], r["input"], int(r["resolution"])): r for r in csv_rows(tmp_path)}
@@ -242,6 +248,7 @@ def robust_det_env(out, variants, **extra):
                      TRAIN_SIZE="8", **extra)
 
 
+@pytest.mark.slow
 def test_robust_det_study_writes_table_and_plot(tmp_path):
     # one real detection run (RAT, multi-size) through the whole preset; the table's
     # arithmetic is checked on made-up runs below
@@ -293,6 +300,7 @@ def fake_det_run(run_dir, model, native, resized, params, train_sizes=None, size
     (run_dir / "eval" / "results.json").write_text(json.dumps({"task": "det", "rows": rows}))
 
 
+@pytest.mark.slow
 def test_robust_table_statistics_det(tmp_path):
     (tmp_path / "variants.tsv").write_text("variant\tflags\nrat_single\t--model rat\ncnn_multi\t--model cnn "
                                            "--train-sizes 16,32,64\nresnet_single\t--model resnet\n")
@@ -303,7 +311,7 @@ def test_robust_table_statistics_det(tmp_path):
                  train_sizes=[16, 32, 64])
     os.makedirs(runs / "resnet_single_s0")
     (runs / "resnet_single_s0" / "failed.txt").write_text("exit status 1\nboom\n")
-    run = subprocess.run([sys.executable, "robust_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
+    run = subprocess.run([sys.executable, "tools/robust_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     rows = {(r["model"], r["recipe"], r["input"], int(r["resolution"])): r for r in csv_rows(tmp_path)}

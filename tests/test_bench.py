@@ -1,6 +1,5 @@
-"""Smoke test of bench.py at tiny sizes (the full run takes ~10 minutes)."""
+"""Smoke test of bench.py and tools/bench_peers.py at tiny sizes."""
 
-import os
 import subprocess
 import sys
 
@@ -8,8 +7,7 @@ import pytest
 import torch
 
 import bench
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ENV, ROOT
 
 
 def test_slope_recovers_the_exponent():
@@ -24,21 +22,35 @@ def test_scale_worker_measures_time_memory_and_flops():
     assert 0 <= r["attn"] <= r["flops"] and 0 <= r["attn_time"] <= 1
 
 
+@pytest.mark.slow
 def test_cli_quick_writes_markdown(tmp_path):
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--only", "util,optim"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--only", "util"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "# Benchmarks" in out.stdout and "## util" in out.stdout and "## optim" in out.stdout
+    assert "# Benchmarks" in out.stdout and "## util" in out.stdout and "## targets" not in out.stdout
     assert "GFLOP/s" in out.stdout
 
 
-# ------------------------------------------------------------------------ peers and gpu (bench_peers.py)
+@pytest.mark.slow
+def test_peer_sections_run_from_their_own_script_and_bench_does_not_know_them(tmp_path):
+    # from another folder: tools/bench_peers.py finds bench.py; its workers run in its own fresh processes
+    out = subprocess.run([sys.executable, f"{ROOT}/tools/bench_peers.py", "--only", "gpu"], cwd=tmp_path,
+                         env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Command: `python tools/bench_peers.py --only gpu`" in out.stdout and "## gpu" in out.stdout
+    assert "No CUDA device was available" in out.stdout
+    out = subprocess.run([sys.executable, "bench.py", "--only", "gpu"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "unknown sections ['gpu']" in out.stderr
+
+
+# ------------------------------------------------------------------------ peers and gpu (tools/bench_peers.py)
 import argparse  # noqa: E402
 
-import bench_peers  # noqa: E402
+from tools import bench_peers  # noqa: E402
 
 
-def in_process(spec, a, timeout=900, env=None, nproc=0):
+def in_process(spec, a, timeout=900, env=None, nproc=0, script=None):
     """bench.run_worker without the fresh process (and without the peers' memory cap, which would stay on
     the test process), for tests."""
     spec = dict(spec, **({"cap_gib": 0} if spec["kind"] == "peer" else {}))
@@ -80,6 +92,7 @@ def test_gpu_section_without_cuda_says_none_was_available(monkeypatch):
     assert md.startswith("No CUDA device was available")
 
 
+@pytest.mark.slow
 def test_gpu_dry_run_measures_eager_compiled_and_largest(monkeypatch):
     """The gpu section's code path on the CPU: a tiny RAT and U-Net, one size, compile backend "eager"."""
     from model import RATSeg, UNet
@@ -105,6 +118,7 @@ def test_reference_sizes_are_computed_from_its_code():
     assert "6 x [1, 8, 7396, 65536]" in bench_peers.why_not(256, train=True)
 
 
+@pytest.mark.slow
 def test_peers_run_side_by_side_and_the_reference_training_failure_is_reported(monkeypatch):
     pytest.importorskip("resolution_aware_transformer")
     pytest.importorskip("timm")

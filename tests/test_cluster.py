@@ -11,14 +11,16 @@ import time
 import pytest
 import torch
 
-from gpu_check import children
+from conftest import ENV, ROOT, max_diff, weights
+from tools.gpu_check import children
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow   # every test here starts torchrun agents
+
 # A fresh store for every rendezvous round: with torchrun's default (the agent's store, shared
 # by all rounds) a restarted group can read the dead group's keys, and the per-restart key prefix
 # that avoids it on one node differs between nodes (pytorch#135712, #108158). The README's
 # multi-node command sets the same.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+ENV = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 TINY = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2", "--workers", "0",
         "--seed", "2", "--val-size", "4", "--train-size", "32", "--batch-size", "8"]
 RUN = [*TINY, "--epochs", "2", "--ckpt-every", "1"]          # 2 epochs of 4 steps, a checkpoint every step
@@ -92,14 +94,6 @@ def one_process(out, *args):
     run = subprocess.run([sys.executable, "train.py", *args, "--out", str(out)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-
-
-def weights(run_dir):
-    return torch.load(os.path.join(run_dir, "ckpt_last.pt"), weights_only=True)["model"]
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def wait_for(path, nodes, timeout=120):

@@ -6,12 +6,15 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+import pytest
+
+from conftest import ENV, ROOT
+
 COMMANDS = ["torchrun --nproc_per_node=8 train.py --task seg", "bash ablate.sh",
             "python eval.py --resolutions 128,256,512"]
 
 
+@pytest.mark.slow
 def test_eval_without_ckpt_takes_the_newest_runs_best_checkpoint(tmp_path):
     tiny = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2", "--epochs", "1",
             "--train-size", "8", "--val-size", "4", "--batch-size", "8", "--workers", "0"]
@@ -31,6 +34,7 @@ def test_eval_without_ckpt_takes_the_newest_runs_best_checkpoint(tmp_path):
     assert not (tmp_path / "runs" / "older" / "eval").exists()
 
 
+@pytest.mark.slow
 def test_eval_without_any_run_says_to_train_first(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--resolutions", "128,256,512"],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)

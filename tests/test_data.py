@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import synthetic
+from conftest import ENV, ROOT, write_isic
 from metrics import seg_scores
 
 
@@ -130,27 +131,6 @@ def test_otsu_threshold_splits_two_clusters():
 
 
 # --------------------------- ISIC -----------------------------------------------------
-
-def write_isic(root, stage, n, sizes=((40, 30), (36, 48), (50, 50)), first=0):
-    """ISIC layout: stage is Training / Validation / Test. Image k has a dark ellipse = its mask."""
-    image_dir = root / f"ISIC2018_Task1-2_{stage}_Input"
-    mask_dir = root / f"ISIC2018_Task1_{stage}_GroundTruth"
-    image_dir.mkdir(parents=True)
-    mask_dir.mkdir(parents=True)
-    (image_dir / "LICENSE.txt").write_text("license")
-    for k in range(first, first + n):
-        w, h = sizes[k % len(sizes)]
-        yy, xx = np.mgrid[:h, :w]
-        inside = ((xx - w / 2) / (w / 4)) ** 2 + ((yy - h / 2) / (h / 4)) ** 2 < 1
-        rgb = np.where(inside[..., None], [60, 30, 20], [230, 190, 170]).astype(np.uint8)
-        image = Image.fromarray(rgb)
-        if k % len(sizes) == 1:
-            image = image.convert("L")  # a grayscale JPEG
-        image.save(image_dir / f"ISIC_{k:07d}.jpg", quality=95)
-        mask = inside.astype(np.uint8) * (1 if k % 2 else 255)  # both 0/1 and 0/255 masks occur
-        Image.fromarray(mask).save(mask_dir / f"ISIC_{k:07d}_segmentation.png")
-    return image_dir, mask_dir
-
 
 def test_isic_loads_resizes_and_caches(tmp_path):
     image_dir, mask_dir = write_isic(tmp_path, "Training", 6)
@@ -370,6 +350,7 @@ def test_coco_missing_key_names_file_and_key(tmp_path):
         data.DetDataset("coco", "train", 32, data_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_resize_ceiling_is_a_perfect_soft_prediction_upsampled():
     # The ceiling of the resize baseline: a perfect 16 px prediction upsampled to 32 and 64 px.
     # Perfect means soft (each pixel's lesion coverage), so it beats the 16 px binary mask
@@ -377,9 +358,8 @@ def test_resize_ceiling_is_a_perfect_soft_prediction_upsampled():
     # the finer renders have detail that 16 px cannot hold.
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "data.py", "--resize-ceiling", "16"], cwd=root, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run([sys.executable, "data.py", "--resize-ceiling", "16"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=ENV)
     assert run.returncode == 0, run.stderr[-2000:]
     dice = [float(v) for v in re.findall(r"Dice ([0-9.]+)", run.stdout)]
     test16 = data.SegDataset("synthetic", "test", 16)
@@ -392,12 +372,12 @@ def test_resize_ceiling_is_a_perfect_soft_prediction_upsampled():
     assert len(dice) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--resize-ceiling", "--baseline"])
 def test_data_cli_rejects_sizes_below_one(flag):
     # -4 once printed "upsampled to -16 px ... Dice 1.000"
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "data.py", flag, "-4"], cwd=root, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "data.py", flag, "-4"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and f"{flag} must be a positive image size, got -4" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and "Dice" not in run.stdout

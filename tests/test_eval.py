@@ -12,18 +12,13 @@ import torch
 from PIL import Image
 
 import eval as ev
+from conftest import ENV, ROOT, run as python
 from data import SegDataset, seg_collate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--epochs", "1", "--train-size", "16", "--val-size", "8", "--batch-size", "8", "--depth", "2",
         "--heads", "2", "--workers", "0"]
 SEG_TRAIN, DET_TRAIN = ["--task", "seg", "--image-size", "32", "--dim", "16"], \
     ["--task", "det", "--image-size", "64", "--dim", "32"]  # FCOS's head needs dim % 32 == 0
-
-
-def python(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +51,7 @@ def check_rows(rows, resolutions, metrics):
         assert row["ms_per_image"] > 0 and math.isfinite(row["peak_mem_mb"])
 
 
+@pytest.mark.slow
 def test_seg_sweep_writes_every_file(runs):
     run = python("eval.py", "--ckpt", str(runs["seg"]), "--resolutions", "64,16,32", "--limit", "8",
                  "--samples", "2", "--batch-size", "4", "--workers", "0")
@@ -79,6 +75,7 @@ def test_seg_sweep_writes_every_file(runs):
         assert im.size == (3 * 256 + 2 * 4, 2 * 256 + 4)
 
 
+@pytest.mark.slow
 def test_det_sweep_writes_every_file(runs):
     run = python("eval.py", "--task", "det", "--ckpt", str(runs["det"]), "--resolutions", "96,64", "--limit", "4",
                  "--samples", "2", "--workers", "0", "--out", str(runs["det"].parent / "sweep"))
@@ -93,6 +90,7 @@ def test_det_sweep_writes_every_file(runs):
             assert d["image_id"] in range(4) and d["category_id"] in (1, 2, 3) and len(d["bbox"]) == 4
 
 
+@pytest.mark.slow
 def test_ignore_spacing_sweep(runs, tmp_path):
     plain = evaluate(runs["seg"], tmp_path / "plain", "--resolutions", "32")
     ignore = evaluate(runs["seg"], tmp_path / "ignore", "--resolutions", "32,64", "--ignore-spacing")
@@ -107,6 +105,7 @@ def test_ignore_spacing_sweep(runs, tmp_path):
     assert (runs["seg"].parent / "eval_ignore_spacing" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_ignore_spacing_feeds_the_training_spacing(runs, tmp_path, monkeypatch):
     train_args = {"image_size": 32, "scales": [1.0, 0.5]}
     assert ev.training_spacings(train_args) == [(1 / 32, 1 / 32), (1 / 16, 1 / 16)]
@@ -147,6 +146,7 @@ def test_detections_json_in_original_pixels():
     assert [e["image_id"] for e in entries] == [0, 1] and entries[0]["bbox"] == pytest.approx([10, 10, 10, 20])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["abc", "12a", "128,,256", "", "0", "-64", "2"])
 def test_bad_resolutions_are_clear_errors(runs, tmp_path, value):
     with pytest.raises(ValueError, match="^--resolutions: ") as e:
@@ -155,6 +155,7 @@ def test_bad_resolutions_are_clear_errors(runs, tmp_path, value):
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
+@pytest.mark.slow
 def test_too_small_resolution_message(runs, tmp_path):
     # det: patch 4, scales 1,0.5 -> a 4 px image has a 2 px coarsest level
     with pytest.raises(ValueError, match="--resolutions: 4 is too small for this model: its coarsest pyramid "
@@ -163,6 +164,7 @@ def test_too_small_resolution_message(runs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_command_line_errors_exit_without_traceback(runs, tmp_path):
     # one run through the command line (the other cases above go through the same ValueError)
     run = python("eval.py", "--ckpt", str(runs["seg"]), "--resolutions", "64,2", "--out", str(tmp_path / "out"))
@@ -171,6 +173,7 @@ def test_command_line_errors_exit_without_traceback(runs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_failed_forward_names_the_resolution(runs, tmp_path, monkeypatch):
     def out_of_memory(levels, spacings=None):
         if levels[0].shape[-1] == 64:
@@ -184,6 +187,7 @@ def test_failed_forward_names_the_resolution(runs, tmp_path, monkeypatch):
     assert [row["resolution"] for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]] == [32]
 
 
+@pytest.mark.slow
 def test_task_mismatch_and_bad_checkpoints(runs, tmp_path):
     with pytest.raises(ValueError, match="^--task det: checkpoint is for task seg"):
         evaluate(runs["seg"], tmp_path / "out", "--task", "det", "--resolutions", "64")

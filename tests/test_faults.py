@@ -12,18 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from gpu_check import children  # child process ids from /proc, as the GPU check finds torchrun's workers
-from train import load_checkpoint, save_atomic
+from conftest import ENV, ROOT, max_diff, run
+from tools.gpu_check import children  # child process ids from /proc, as the GPU check finds torchrun's workers
+from data import atomic_open
+from model import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2", "--workers", "0", "--seed", "1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run(*args, nproc=1, timeout=300):
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_clean_error(result, *words):
@@ -40,6 +34,7 @@ def assert_clean_error(result, *words):
 # recovery
 # ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_killed_worker_recovers_under_max_restarts(tmp_path):
     args = ["train.py", "--task", "seg", *TINY, "--epochs", "3", "--train-size", "32", "--batch-size", "8",
             "--val-size", "4", "--ckpt-every", "1"]
@@ -67,9 +62,10 @@ def test_killed_worker_recovers_under_max_restarts(tmp_path):
     a = torch.load(tmp_path / "ref" / "ckpt_last.pt", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert b["step"] == a["step"] == 12
-    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-6
+    assert max_diff(a["model"], b["model"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # An absurd learning rate blows the weights up within a couple of steps.
     result = run("train.py", "--task", "seg", *TINY, "--epochs", "3", "--train-size", "32", "--batch-size", "8",
@@ -81,6 +77,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt_last.pt")
+
+    def save_atomic(obj, path):   # as train.py saves
+        with atomic_open(path) as f:
+            torch.save(obj, f)
     save_atomic({"w": torch.ones(3)}, path)
 
     def broken_save(obj, f):
@@ -99,6 +99,7 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_checkpoint_carrying_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     exploit = Exploit()
@@ -144,6 +145,7 @@ def train_isic(root, out):
                "--batch-size", "4", "--out", str(out))
 
 
+@pytest.mark.slow
 def test_isic_grayscale_is_converted_and_trains(tmp_path):
     isic_tree(tmp_path / "isic")
     result = train_isic(tmp_path / "isic", tmp_path / "run")
@@ -184,6 +186,7 @@ def mask_values(img_dir, gt_dir):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage,words", [
     (corrupt_jpeg, ["cannot read"]), (truncated_png, ["cannot read"]),
     (image_without_mask, ["no mask"]), (mask_without_image, ["without image"]),
@@ -194,6 +197,7 @@ def test_bad_isic_data(tmp_path, damage, words):
     assert not (tmp_path / "run" / "ckpt_last.pt").exists()
 
 
+@pytest.mark.slow
 def test_missing_and_empty_data_folder(tmp_path):
     assert_clean_error(train_isic(tmp_path / "nowhere", tmp_path / "run"), str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
@@ -228,6 +232,7 @@ def train_coco(root, out):
                "--batch-size", "2", "--out", str(out))
 
 
+@pytest.mark.slow
 def test_coco_bad_boxes_are_dropped_with_a_count(tmp_path):
     coco_tree(tmp_path / "coco", coco_annotations())
     result = train_coco(tmp_path / "coco", tmp_path / "run")
@@ -235,6 +240,7 @@ def test_coco_bad_boxes_are_dropped_with_a_count(tmp_path):
     assert "dropped 3 annotations" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_coco_missing_key(tmp_path):
     ann = coco_annotations()
     del ann["annotations"][1]["bbox"]
@@ -242,15 +248,18 @@ def test_coco_missing_key(tmp_path):
     assert_clean_error(train_coco(tmp_path / "coco", tmp_path / "run"), "instances_train2017.json", "bbox")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scales", ["1,abc", "1,-0.5", "1,0", "0.5,1", ""])
 def test_bad_scales(tmp_path, scales):
     assert_clean_error(run("train.py", *TINY, "--scales", scales, "--out", str(tmp_path)), "--scales")
 
 
+@pytest.mark.slow
 def test_unknown_compile_backend(tmp_path):
     assert_clean_error(run("train.py", *TINY, "--compile", "nope", "--out", str(tmp_path)), "--compile nope")
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_processes(tmp_path):
     result = run("train.py", *TINY, "--batch-size", "7", "--out", str(tmp_path), nproc=2)
     # torchrun itself reports a failed child with its own traceback; ours must not appear in it
@@ -267,6 +276,7 @@ def seg_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_or_task(seg_run):
     result = run("train.py", "--task", "seg", *TINY, "--dim", "32", "--epochs", "2", "--train-size", "8",
                  "--val-size", "4", "--batch-size", "4", "--out", str(seg_run))
@@ -275,6 +285,7 @@ def test_checkpoint_of_another_architecture_or_task(seg_run):
     assert_clean_error(result, "seg")
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(seg_run, tmp_path):
     bad = tmp_path / "ckpt_best.pt"
     bad.write_bytes((seg_run / "ckpt_best.pt").read_bytes()[:1000])
@@ -287,6 +298,7 @@ def test_truncated_checkpoint(seg_run, tmp_path):
     assert_clean_error(result, str(run_dir / "ckpt_last.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("res", ["abc", "0", "-64", "128,,256", ""])
 def test_bad_resolutions(seg_run, res):
     assert_clean_error(run("eval.py", "--ckpt", str(seg_run / "ckpt_best.pt"), "--resolutions", res), "--resolutions")

@@ -4,10 +4,15 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from conftest import ENV, ROOT
+
+pytestmark = pytest.mark.slow   # every test here runs gpu_check.sh
+
 ITEMS = {"seg", "det", "channels_last", "eval", "ddp", "bench", "compile"}
 # CUDA hidden: the checks' own CUDA probes must not matter here
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def gpu_check(*args, timeout=600):

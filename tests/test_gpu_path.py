@@ -13,18 +13,16 @@ import torch
 import torch.distributed as dist
 
 import train
+from conftest import ENV, ROOT, launcher, max_diff, write_isic
 from model import build_detector
-from gpu_check import children
+from tools.gpu_check import children
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2",
         "--val-size", "4", "--workers", "0", "--seed", "5"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(out, *extra, nproc=2, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "train.py", *TINY, "--out", str(out), *extra]
+    cmd = launcher(nproc) + ["train.py", *TINY, "--out", str(out), *extra]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -101,6 +99,7 @@ def test_detection_spacing_comes_from_the_image_not_the_padding():
 
 # ------------------------------------------------------------------ resume and validation (items 3, 8)
 
+@pytest.mark.slow
 def test_resume_runs_the_validation_that_a_crash_skipped(tmp_path, monkeypatch, keep_sigterm):
     # 2 steps per epoch and a checkpoint every 2 steps: the last one lands on the epoch's
     # last step, then validation dies. The rerun must still validate that epoch.
@@ -117,6 +116,7 @@ def test_resume_runs_the_validation_that_a_crash_skipped(tmp_path, monkeypatch, 
     assert (tmp_path / "ckpt_best.pt").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_during_validation_exits_at_once_and_loses_no_training(tmp_path, monkeypatch, keep_sigterm):
     args = ["--epochs", "1", "--train-size", "16", "--batch-size", "8"]
     real = train.evaluate
@@ -135,6 +135,7 @@ def test_sigterm_during_validation_exits_at_once_and_loses_no_training(tmp_path,
     assert [r["epoch"] for r in records(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--epochs", "--image-size"])
 def test_zero_is_rejected_not_replaced_by_the_default(tmp_path, flag):
     run = subprocess.run([sys.executable, "train.py", *TINY, "--out", str(tmp_path), flag, "0"], cwd=ROOT, env=ENV,
@@ -145,6 +146,7 @@ def test_zero_is_rejected_not_replaced_by_the_default(tmp_path, flag):
 
 # ------------------------------------------------------------------ ranks (items 5, 6; issue 15)
 
+@pytest.mark.slow
 def test_ranks_draw_different_streams_and_resume_each_its_own(tmp_path):
     # Dropout on, 2 ranks: each rank has its own random stream, all of them saved, each
     # restored on its own rank: a resumed run lands on the uninterrupted run's weights.
@@ -168,9 +170,10 @@ def test_ranks_draw_different_streams_and_resume_each_its_own(tmp_path):
     assert rerun.returncode == 0 and "resuming" in rerun.stdout, rerun.stderr[-3000:]
     a = torch.load(tmp_path / "full" / "ckpt_last.pt", weights_only=True)["model"]
     b = torch.load(ckpt, weights_only=True)["model"]
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max_diff(a, b) < 1e-6
 
 
+@pytest.mark.slow
 def test_fewer_validation_images_than_ranks_does_not_hang(tmp_path):
     run = torchrun(tmp_path, "--epochs", "1", "--train-size", "8", "--batch-size", "4", "--val-size", "1")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -192,13 +195,13 @@ def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
 # ------------------------------------------------------------------ ISIC cache (item 7)
 
 def isic_tree(root):
-    from test_data import write_isic
     write_isic(root, "Training", 8)
     write_isic(root, "Validation", 2, first=100)
     write_isic(root, "Test", 2, first=200)
     return sorted(str(p) for p in root.rglob("*"))
 
 
+@pytest.mark.slow
 def test_isic_cache_goes_to_cache_dir_decoded_by_one_process_per_node(tmp_path):
     before = isic_tree(tmp_path / "isic")
     run = torchrun(tmp_path / "run", "--data", "isic", "--data-dir", str(tmp_path / "isic"), "--cache-dir",
@@ -211,6 +214,7 @@ def test_isic_cache_goes_to_cache_dir_decoded_by_one_process_per_node(tmp_path):
     assert len(starts) == 2, starts
 
 
+@pytest.mark.slow
 def test_unwritable_cache_is_a_clear_error(tmp_path):
     isic_tree(tmp_path / "isic")
     run = subprocess.run([sys.executable, "train.py", *TINY, "--data", "isic", "--data-dir", str(tmp_path / "isic"),

@@ -75,6 +75,7 @@ def test_unet_baseline_has_similar_size():
     check_forward_backward(unet, [torch.rand(1, 3, 45, 37)])
 
 
+@pytest.mark.slow
 def test_fcos_with_rat_backbone_overfits_a_tiny_batch():
     torch.manual_seed(0)
     det = build_detector("rat", num_classes=3, image_size=64, depth=3, **TINY).train()

@@ -5,7 +5,7 @@ masks in the challenge's submission format; the challenge's own scorer (the
 isic-challenge-scoring package, a test-only oracle) must give the same five numbers on
 those files. COCO 2017: the in-repo AP must equal pycocotools' COCOeval run on
 detections_<r>.json and the annotation file. Splits: the reported split is never the one
-that picked ckpt_best.pt. Small trees written here; the models are either a tiny
+that picked ckpt_best.pt. Small trees (written by conftest.py); the models are either a tiny
 trained run or fakes whose outputs are known.
 """
 import contextlib
@@ -25,12 +25,12 @@ from PIL import Image
 import data
 import eval as ev
 import train
+from conftest import (CATEGORIES, ENV, GOOD, ROOT, TEST, VAL_IMAGES, darkness_model, fake_checkpoint, run_eval,
+                      write_coco_tree, write_isic_tree)
 from metrics import SEG_METRICS, coco_ap
 
 # the scorer calls a pandas API that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword:DeprecationWarning")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ISIC_OFFICIAL = {"dice": "dice", "iou": "jaccard", "sensitivity": "sensitivity", "specificity": "specificity",
                  "thresholded_jaccard": "threshold_jaccard"}  # ours -> isic-challenge-scoring's names
 
@@ -39,64 +39,12 @@ ISIC_OFFICIAL = {"dice": "dice", "iou": "jaccard", "sensitivity": "sensitivity",
 # ISIC 2018
 # ---------------------------------------------------------------------------------------
 
-def ellipse(w, h, diameter):
-    """bool [h, w]: a centred ellipse whose axes are `diameter` times each side (0: empty)."""
-    yy, xx = np.mgrid[:h, :w] + 0.5
-    return ((xx / w - 0.5) ** 2 + (yy / h - 0.5) ** 2) < (diameter / 2) ** 2
-
-
-# (width, height, dark lesion, ground truth): non-square originals of several sizes
-GOOD = [(64, 48, 0.5, 0.5), (60, 40, 0.6, 0.55), (36, 48, 0.5, 0.5)]  # 4:3, 3:2, 3:4
-TEST = [(64, 48, 0.5, 0.5),    # 4:3, a clean lesion
-        (60, 40, 0.6, 0.55),   # 3:2, slightly over-segmented
-        (36, 48, 0.3, 0.6),    # the truth is much larger than the dark part: IoU < 0.65
-        (50, 50, 0.4, 0.0),    # empty truth, a dark decoy: false positives only
-        (45, 30, 0.0, 0.0)]    # empty truth, nothing dark: both masks empty
-
-
-def write_isic_stage(root, stage, specs, first):
-    image_dir = root / f"ISIC2018_Task1-2_{stage}_Input"
-    mask_dir = root / f"ISIC2018_Task1_{stage}_GroundTruth"
-    image_dir.mkdir(parents=True)
-    mask_dir.mkdir(parents=True)
-    for k, (w, h, dark, truth) in enumerate(specs, first):
-        rgb = np.where(ellipse(w, h, dark)[..., None], [60, 30, 20], [230, 190, 170]).astype(np.uint8)
-        Image.fromarray(rgb).save(image_dir / f"ISIC_{k:07d}.jpg", quality=95)
-        # official ground truths are 0/255, the scorer's foreground is > 128
-        Image.fromarray(ellipse(w, h, truth).astype(np.uint8) * 255).save(mask_dir / f"ISIC_{k:07d}_segmentation.png")
-    return mask_dir
-
-
-def write_isic_tree(root):
-    write_isic_stage(root, "Training", GOOD * 2, 0)
-    write_isic_stage(root, "Validation", GOOD, 100)
-    return write_isic_stage(root, "Test", TEST, 200)
-
-
 def official_scores(truth_dir, prediction_dir):
     """The ISIC challenge's scorer on two folders -> {our metric name: value}."""
     from isic_challenge_scoring import SegmentationScore
 
     score = SegmentationScore.from_dir(pathlib.Path(truth_dir), pathlib.Path(prediction_dir))
     return {ours: float(score.macro_average[theirs]) for ours, theirs in ISIC_OFFICIAL.items()}
-
-
-def fake_checkpoint(path, **args):
-    """A checkpoint eval.py accepts; the tests replace the model it would build."""
-    arch = dict(model="rat", scales=[1.0, 0.5], pe="rose", sga="local", depth=2, heads=2, strides=None,
-                dropout=0.0, seed=0)
-    torch.save({"model": {}, "args": {**arch, **args}}, path)
-    return path
-
-
-def darkness_model(levels, spacings=None):
-    """Lesion = darker than mid-grey: logits [B,1,r,r] from the finest level."""
-    return (0.5 - levels[0].mean(1, keepdim=True)) * 20
-
-
-def run_eval(ckpt, out, *extra):
-    ev.main(ev.get_args_parser().parse_args(["--ckpt", str(ckpt), "--out", str(out), "--workers", "0", *extra]))
-    return json.loads((out / "results.json").read_text())
 
 
 def check_masks(mask_dir, truth_dir):
@@ -163,6 +111,7 @@ def isic_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_isic_end_to_end_non_square_train_and_eval_agree(isic_run, tmp_path):
     # train.py validated on the official Validation folder at each image's original size...
     logged = json.loads((isic_run / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -193,24 +142,6 @@ def test_isic_end_to_end_non_square_train_and_eval_agree(isic_run, tmp_path):
 # COCO 2017
 # ---------------------------------------------------------------------------------------
 
-# val2017 (the test split): sizes and aspect ratios differ, one grayscale, one without annotations
-VAL_IMAGES = [dict(id=7, file_name="a.jpg", width=200, height=150),   # 4:3
-              dict(id=3, file_name="b.jpg", width=120, height=180),   # 2:3
-              dict(id=12, file_name="c.jpg", width=160, height=160),  # grayscale
-              dict(id=20, file_name="d.jpg", width=90, height=60),    # no annotation
-              dict(id=5, file_name="e.jpg", width=250, height=100)]
-# bbox xywh, COCO category id, annotated (mask) area, iscrowd
-VAL_ANNS = {7: [([10, 10, 100, 100], 5, 8000, 0),      # box 10000: large, by its area medium
-                ([120, 20, 30, 30], 2, 500, 0),        # small
-                ([0, 100, 200, 50], 5, 6000, 1)],      # a crowd region
-            3: [([5, 5, 40, 40], 2, 900, 0),           # box 1600: medium, by its area small
-                ([50, 60, 60, 100], 5, 5000, 0)],      # medium, missed
-            12: [([20, 20, 110, 110], 9, 12000, 0),    # large
-                 ([140, 140, 15, 15], 2, 200, 0),      # small
-                 ([3, 3, 0, 5], 2, 0, 0)],             # zero width: unmatchable, counts as COCOeval counts it
-            5: [([0, 0, 80, 40], 9, 2000, 0),          # medium
-                ([200, 50, 60, 60], 5, 2500, 0)]}      # overhangs the image: COCOeval uses it unclipped
-CATEGORIES = [dict(id=9, name="kite"), dict(id=2, name="dog"), dict(id=5, name="cat")]
 # detections in original pixels: bbox xywh, category id, score
 DETS = {7: [([14, 12, 100, 98], 5, 0.9),   # IoU ~0.9 with the medium-by-area object
             ([126, 24, 30, 30], 2, 0.6),   # IoU ~0.5 with the small one
@@ -225,33 +156,6 @@ DETS = {7: [([14, 12, 100, 98], 5, 0.9),   # IoU ~0.9 with the medium-by-area ob
         5: [([2, 0, 80, 40], 9, 0.65),
             ([198, 48, 60, 62], 5, 0.55),
             ([100, 10, 110, 80], 9, 0.4)]}
-
-
-def write_coco_tree(root, n_train=12):
-    (root / "annotations").mkdir(parents=True)
-    for split in ("train2017", "val2017"):
-        (root / split).mkdir()
-    for k, im in enumerate(VAL_IMAGES):  # flat grey levels: the fake detector reads which image it sees
-        mode = "L" if im["id"] == 12 else "RGB"
-        Image.new(mode, (im["width"], im["height"]), (level(k),) * (1 if mode == "L" else 3)).save(
-            root / "val2017" / im["file_name"], quality=95)
-    anns = [dict(image_id=i, bbox=b, category_id=c, area=a, iscrowd=z)
-            for i, objects in VAL_ANNS.items() for b, c, a, z in objects]
-    anns = [dict(id=j + 1, **a) for j, a in enumerate(anns)]
-    ann_path = root / "annotations" / "instances_val2017.json"
-    ann_path.write_text(json.dumps(dict(images=VAL_IMAGES, annotations=anns, categories=CATEGORIES)))
-    train_images = [dict(id=100 + i, file_name=f"{i:012d}.jpg", width=48 + 4 * i, height=40) for i in range(n_train)]
-    for im in train_images:
-        Image.new("RGB", (im["width"], im["height"]), (90, 120, 150)).save(root / "train2017" / im["file_name"])
-    train_anns = [dict(id=i, image_id=im["id"], bbox=[4, 4, 20, 16], category_id=2, area=300, iscrowd=0)
-                  for i, im in enumerate(train_images)]
-    (root / "annotations" / "instances_train2017.json").write_text(
-        json.dumps(dict(images=train_images, annotations=train_anns, categories=CATEGORIES)))
-    return ann_path
-
-
-def level(k):
-    return 30 + 40 * k
 
 
 def fake_detector(images):

@@ -1,7 +1,6 @@
 """Resolution awareness by construction: with ref_size, the first grouping stride follows the
 input's resolution, so every later block sees the token grid (and physical spacing) of training."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,11 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import build_seg_model
+from conftest import ENV, ROOT
+from model import build_model, build_seg_model
 from sga import resize_kernel
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("size", [8, 2, 12])
@@ -47,6 +44,7 @@ def grids(model, size):
     return [stage[0][1] for stage in stages[1:]]   # finest level, every block
 
 
+@pytest.mark.slow
 def test_deep_tokens_keep_the_training_grid_at_any_resolution():
     fixed, physical = rat(None), rat(64)
     for size in (32, 48, 64, 128, 256):
@@ -104,7 +102,7 @@ def test_train_builds_the_physical_grid_by_default():
     def built(*flags):
         args = train.fill_defaults(train.get_args_parser().parse_args(["--dim", "16", "--heads", "2", *flags]))
         args.num_classes = 1
-        return train.build_model(args)
+        return build_model(vars(args))
     assert built().backbone.ref_size == 64 and built("--image-size", "96").backbone.ref_size == 96
     assert built("--token-grid", "pixel").backbone.ref_size is None
     assert built().head == "refine" and built("--head", "linear").head == "linear"
@@ -118,7 +116,7 @@ def test_checkpoints_from_before_the_flags_load_as_they_were_trained(tmp_path):
     args = train.fill_defaults(train.get_args_parser().parse_args(
         ["--dim", "16", "--heads", "2", "--token-grid", "pixel", "--head", "linear"]))
     args.num_classes = 1
-    model = train.build_model(args)
+    model = build_model(vars(args))
     saved = {k: v for k, v in vars(args).items() if k not in ("token_grid", "head")}
     torch.save({"model": model.state_dict(), "args": saved}, tmp_path / "old.pt")
     train_args, state = ev.load_run(str(tmp_path / "old.pt"), "seg")
@@ -129,6 +127,7 @@ def test_checkpoints_from_before_the_flags_load_as_they_were_trained(tmp_path):
         assert torch.equal(rebuilt(x), model.eval()(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [["--token-grid", "pixel"], ["--head", "linear"]])
 def test_resume_refuses_another_token_grid_or_head(tmp_path, change):
     # The same weights load into either grid (and nearly either head): resuming must not
@@ -143,6 +142,7 @@ def test_resume_refuses_another_token_grid_or_head(tmp_path, change):
     assert change[0][2:].replace("-", "_") in again.stderr
 
 
+@pytest.mark.slow
 def test_detection_resumes_a_checkpoint_from_before_the_flags_on_its_own_grid(tmp_path):
     # --head is seg RAT's: a det checkpoint written before the flags existed resumes whatever
     # --head says. It was trained on the pixel grid, so it resumes with --token-grid pixel, and
@@ -156,13 +156,14 @@ def test_detection_resumes_a_checkpoint_from_before_the_flags_on_its_own_grid(tm
     for k in ("token_grid", "head"):
         del ckpt["args"][k]
     torch.save(ckpt, tmp_path / "ckpt_last.pt")
-    again = subprocess.run(common + ["--epochs", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(common + ["--epochs", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "token_grid" in again.stderr and "head" not in again.stderr, again.stderr[-2000:]
-    again = subprocess.run(common + ["--epochs", "2", "--token-grid", "pixel", "--head", "linear"], cwd=ROOT, env=ENV,
+    again = subprocess.run(common + ["--epochs", "1", "--token-grid", "pixel", "--head", "linear"], cwd=ROOT, env=ENV,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_detector_keeps_the_training_grid_and_box_units_at_any_size():
     # The physical grid for FCOS: at 2x the training size the feature maps keep the training
     # grid, and the anchors (FCOS's unit for box offsets) double, so that a learned offset
@@ -173,7 +174,7 @@ def test_detector_keeps_the_training_grid_and_box_units_at_any_size():
         args = train.fill_defaults(train.get_args_parser().parse_args(
             ["--task", "det", "--image-size", "32", "--dim", "32", "--heads", "2", *flags]))
         args.num_classes = 3
-        return train.build_model(args).eval()
+        return build_model(vars(args)).eval()
     def maps(det, size):
         set_detector_size(det, size)
         with torch.no_grad():
@@ -198,12 +199,14 @@ def test_detector_keeps_the_training_grid_and_box_units_at_any_size():
         assert torch.allclose(centres.diff(), torch.tensor(float(stride))), (stride, centres)
 
 
+@pytest.mark.slow
 def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
     # One tiny checkpoint, evaluated with its physical grid and with the pixel grid forced:
     # identical at the training size, different at 4x (where the grids differ).
     run = subprocess.run([sys.executable, "train.py", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads",
                           "2", "--epochs", "1", "--train-size", "16", "--val-size", "4", "--batch-size", "8",
-                          "--workers", "0", "--out", str(tmp_path / "run")], cwd=ROOT, env=ENV, capture_output=True,
+                          "--stem", "patch", "--workers", "0", "--out", str(tmp_path / "run")], cwd=ROOT, env=ENV,
+                         capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {}
@@ -218,7 +221,8 @@ def test_eval_token_grid_override_changes_only_off_the_training_size(tmp_path):
         assert result["token_grid"] == grid
         rows[grid] = {r["resolution"]: r for r in result["rows"]}
     assert rows["physical"][32]["dice"] == rows["pixel"][32]["dice"]
-    assert rows["physical"][128]["specificity"] != rows["pixel"][128]["specificity"]
+    scores = ("dice", "iou", "sensitivity", "specificity")   # a model that predicts one class everywhere scores alike
+    assert [rows["physical"][128][k] for k in scores] != [rows["pixel"][128][k] for k in scores]
 
 
 @pytest.mark.parametrize("f", [2, 4])
@@ -226,10 +230,25 @@ def test_zoomed_stem_is_the_resampled_kernel_at_linear_cost(f):
     # box filter + dilated trained kernel (what runs) == the area-resampled kernel (what it means)
     from model import pad_to_multiple
     torch.manual_seed(0)
-    rat = build_seg_model("rat", dim=16, depth=4, heads=2, patch=2, ref_size=32).backbone
+    rat = build_seg_model("rat", dim=16, depth=4, heads=2, patch=2, ref_size=32, stem="patch").backbone
     x = torch.randn(2, 3, 32 * f + 3, 32 * f)   # a size the patch does not divide, too
     K = rat.stem.kernel_size[0] * f
     lo = (K - 2) // 2
     padded = F.pad(pad_to_multiple(x, 2), [lo, K - 2 - lo] * 2)
     expected = F.conv2d(padded, resize_kernel(rat.stem.weight, K), rat.stem.bias, stride=2)
     assert torch.allclose(rat.stem_tokens(x, f), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("D,f", [(1, 3), (2, 2), (2, 4), (3, 2)])
+def test_pixel_stem_spans_the_same_physical_extent_at_f_times_the_resolution(D, f):
+    """The full-resolution convolutions of the conv stem, dilated by f, see at f times the
+    resolution what they saw in training: on an image upsampled f times they give exactly the
+    upsampled features (GroupNorm included)."""
+    from model import PixelStem
+    torch.manual_seed(0)
+    stem = PixelStem(3, 8, 2, D)
+    x = torch.randn(2, 3, *(6, 5, 4)[:D])
+    up = lambda t: t.repeat_interleave(f, -1) if D == 1 else F.interpolate(t, scale_factor=f, mode="nearest")
+    with torch.no_grad():
+        assert torch.allclose(stem(up(x), zoom=f), up(stem(x)), atol=1e-5)
+        assert not torch.allclose(stem(up(x)), up(stem(x)), atol=1e-2)   # undilated, it sees 1/f of the extent

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sga import SGA, from_blocks, gather_neighbours, out_grid, scatter_neighbours, to_blocks
+from sga import SGA, from_blocks, gather_neighbours, head_blocks, out_grid, scatter_neighbours
 
 CASES = [(2, (7, 5), 2), (2, (7, 6), 3), (3, (5, 4, 3), 2)]
 
@@ -11,6 +11,11 @@ CASES = [(2, (7, 5), 2), (2, (7, 6), 3), (3, (5, 4, 3), 2)]
 def tokens(grid, dim=32, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, math.prod(grid), dim, generator=g)
+
+
+def to_blocks(x, grid, stride):
+    """[B, N, C] on `grid` -> [B, n_groups, S^D, C], zero-padded: head_blocks with one head."""
+    return head_blocks(x, grid, stride, 1).reshape(x.shape[0], -1, stride ** len(grid), x.shape[-1])
 
 
 @pytest.mark.parametrize("D,grid,stride", CASES)

@@ -1,37 +1,27 @@
 """train.py end to end: DDP equivalence, resume, preemption. Tiny runs on the CPU."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ENV, ROOT, launcher, max_diff, wait_for_checkpoint, weights
+
+pytestmark = pytest.mark.slow   # every test here trains
+
 TINY = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2",
         "--val-size", "5", "--workers", "0", "--seed", "3"]
 
 
 def train(out, *extra, nproc=1, wait=True):
-    launcher = [sys.executable, "train.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    cmd = launcher + TINY + ["--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = launcher(nproc) + ["train.py", *TINY, "--out", str(out), *extra]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
-
-
-def weights(run_dir):
-    return torch.load(os.path.join(run_dir, "ckpt_last.pt"), weights_only=True)["model"]
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_two_processes_equal_one_process(tmp_path):
@@ -58,14 +48,6 @@ def test_gpu_options_run_on_cpu_and_train_the_same_weights(tmp_path, flags):
     train(tmp_path / "eager", *args)
     train(tmp_path / "option", *args, *flags)
     assert max_diff(weights(tmp_path / "eager"), weights(tmp_path / "option")) < 1e-4
-
-
-def wait_for_checkpoint(proc, path, timeout=120):
-    start = time.time()
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() - start < timeout
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
@@ -95,19 +77,19 @@ def test_detection_under_torchrun_counts_every_validation_image_once(tmp_path):
     from torch.utils.data import DataLoader
 
     from data import DetDataset, det_collate
-    from train import build_model, evaluate
+    from model import build_model
+    from train import evaluate
 
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", "--task", "det", "--image-size", "64", "--dim", "32", "--depth", "2",
                           "--heads", "2", "--train-size", "8", "--val-size", "5", "--batch-size", "4",
                           "--epochs", "1", "--workers", "0", "--out", str(tmp_path)],
-                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     ckpt = torch.load(tmp_path / "ckpt_last.pt", weights_only=True)
     args = Namespace(**ckpt["args"])
-    model = build_model(args)
+    model = build_model(vars(args))
     model.load_state_dict(ckpt["model"])
     val = DetDataset("synthetic", "val", 64, length=5, seed=args.seed)
     expected = evaluate(model, DataLoader(val, batch_size=5, collate_fn=det_collate), args, torch.device("cpu"))

@@ -1,29 +1,23 @@
 """train.py --train-sizes (one image size per step) and eval.py --resize-to-train (the
 resize baseline). Tiny runs on the CPU, as in test_train.py."""
 import json
-import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import eval as ev
 import train
-from test_train import max_diff, wait_for_checkpoint, weights
+from conftest import ENV, ROOT, launcher, max_diff, wait_for_checkpoint, weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2",
         "--val-size", "5", "--workers", "0", "--seed", "3"]
 SIZES = ["--train-sizes", "16,24,32"]  # seed 3 draws 16, 24, 16, 16, 16, 24, 32, 16 for steps 0..7
 
 
 def command(out, *extra, nproc=1):
-    launcher = [sys.executable, "train.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    return launcher + TINY + ["--out", str(out), *extra]
+    return launcher(nproc) + ["train.py", *TINY, "--out", str(out), *extra]
 
 
 def train_run(out, *extra, nproc=1):
@@ -40,6 +34,7 @@ def drawn(seed, sizes, steps):
     return [train.step_size(args, s) for s in range(steps)]
 
 
+@pytest.mark.slow
 def test_two_processes_draw_the_same_size_per_step(tmp_path):
     # 24 samples, global batch 8: 3 steps, at 16, 24, 16 px. If the ranks drew sizes of their
     # own, their gradients (averaged by DDP) would differ from the one-process batch's.
@@ -54,6 +49,7 @@ def test_two_processes_draw_the_same_size_per_step(tmp_path):
     assert max_diff(one, weights(tmp_path / "fixed")) > 1e-4
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     # 4 epochs of 2 steps, a checkpoint every step; SIGKILL after the first, rerun the same command.
     args = ["--epochs", "4", "--train-size", "16", "--batch-size", "8", "--ckpt-every", "1", *SIZES]
@@ -77,6 +73,7 @@ def test_step_size_draws_every_size():
     assert drawn(0, "32,48,64,96,128", 50) != drawn(1, "32,48,64,96,128", 50)  # the seed matters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--image-size", "32", "--dim", "16", "--train-sizes", "16,24,32,48"],
     ["--image-size", "32", "--dim", "16", "--train-sizes", "16,24,32,48", "--model", "unet"],
@@ -118,6 +115,7 @@ def test_every_model_trains_on_the_drawn_size(tmp_path, monkeypatch, flags):
     assert logged["val_images"] == 2  # validated, at --image-size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0,32", "-8", "abc", "2"])
 def test_bad_train_sizes_are_one_line_errors(tmp_path, value):
     # 2 px: its 0.5 pyramid level is 1 px, below the stem patch of 2 px
@@ -129,6 +127,7 @@ def test_bad_train_sizes_are_one_line_errors(tmp_path, value):
     assert not (tmp_path / "run").exists()  # checked before anything is written
 
 
+@pytest.mark.slow
 def test_resize_baseline_row_at_every_resolution(tmp_path):
     train_run(tmp_path / "run", "--epochs", "1", "--train-size", "16", "--batch-size", "8")
     out = tmp_path / "eval"

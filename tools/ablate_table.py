@@ -1,6 +1,6 @@
 """Assemble the component study's table from its run folders (written by ablate.sh).
 
-    python ablate_table.py --out ablations/cpu --seeds 0,1,2 --preset cpu
+    python tools/ablate_table.py --out ablations/cpu --seeds 0,1,2 --preset cpu
 
 Reads OUT/variants.tsv (the requested variants and their train.py flags) and, per run
 OUT/runs/<variant>_s<seed>/: metrics.jsonl (training time), ckpt_last.pt (parameter
@@ -26,7 +26,7 @@ def read_json(path):
         return json.load(f)
 
 
-def load_run(run):
+def read_study_run(run):
     """-> dict with status ('ok', 'does not fit', 'failed', 'missing'), args, time, params, scores."""
     if os.path.exists(os.path.join(run, "does_not_fit.txt")):
         return {"status": "does not fit"}
@@ -106,7 +106,7 @@ def read_study(description):
 def main():
     a, seeds, table = read_study("Write the component study's results.md and results.csv")
     variants = [(r["variant"], r["flags"]) for r in table]
-    loaded = {n: [load_run(os.path.join(a.out, "runs", f"{n}_s{s}")) for s in seeds] for n, _ in variants}
+    loaded = {n: [read_study_run(os.path.join(a.out, "runs", f"{n}_s{s}")) for s in seeds] for n, _ in variants}
     rows = [summarize(n, fl, loaded[n]) for n, fl in variants]
     if "default" in loaded:
         rows.insert(1 + [r["variant"] for r in rows].index("default"), summarize("default", "", loaded["default"], "ignore"))

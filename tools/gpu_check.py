@@ -1,11 +1,11 @@
 """Helpers of gpu_check.sh: each subcommand checks one thing and prints one line of detail
 (its last line of output), exiting 0 (pass) or 1 (fail, the line says why).
 
-    python gpu_check.py header                          # date, torch, GPU
-    python gpu_check.py summary RUN --device cuda [--like RUN2]
-    python gpu_check.py sigterm-resume --run RUN -- CMD ...
-    python gpu_check.py eval-summary DIR ... --device cuda
-    python gpu_check.py bench --size 512 [--dim 128 --depth 4 --heads 8]
+    python tools/gpu_check.py header                          # date, torch, GPU
+    python tools/gpu_check.py summary RUN --device cuda [--like RUN2]
+    python tools/gpu_check.py sigterm-resume --run RUN -- CMD ...
+    python tools/gpu_check.py eval-summary DIR ... --device cuda
+    python tools/gpu_check.py bench --size 512 [--dim 128 --depth 4 --heads 8]
 
 Only header and bench import torch: the other checks read files, so they cost no start-up time.
 """
@@ -19,6 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+
+# the bench subcommand imports bench.py, a top-level module: importable from any working directory
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Fail(Exception):
@@ -143,8 +146,8 @@ def environ(pid):
 
 
 def cmd_sigterm_resume(a):
-    """Start CMD (torchrun, 2 ranks, --ckpt-every 1), SIGTERM rank 1 once a checkpoint exists,
-    expect a save and an exit; then CMD again must resume and finish."""
+    """Start CMD (torchrun, 2 ranks, --ckpt-every 1), SIGTERM rank 1's process group once a
+    checkpoint exists, expect a save and an exit; then CMD again must resume and finish."""
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     os.makedirs(a.run, exist_ok=True)
     ckpt, logs = os.path.join(a.run, "ckpt_last.pt"), [os.path.join(a.run, f"{n}.log") for n in ("first", "resume")]
@@ -168,12 +171,17 @@ def cmd_sigterm_resume(a):
     if len(rank1) != 1:
         first.terminate()
         raise Fail(f"found {len(rank1)} rank-1 workers under torchrun pid {first.pid}")
-    os.kill(rank1[0], signal.SIGTERM)
+    # torchrun's shutdown and scancel signal a worker's whole process group, its DataLoader
+    # workers with it; torchrun makes each worker the leader of a group of its own
+    if os.getpgid(rank1[0]) != rank1[0]:
+        first.terminate()
+        raise Fail(f"rank 1 (pid {rank1[0]}) leads no process group of its own")
+    os.killpg(rank1[0], signal.SIGTERM)
     first.wait()
     with open(logs[0], errors="replace") as f:
         m = re.search(r"SIGTERM: saved \S+ at step (\d+)", f.read())
     if not m:
-        raise Fail(f"no 'SIGTERM: saved' after SIGTERM to rank 1 (rc {first.returncode}): {tail(logs[0])}")
+        raise Fail(f"no 'SIGTERM: saved' after SIGTERM to rank 1's group (rc {first.returncode}): {tail(logs[0])}")
     saved_at = int(m.group(1))
     with open(logs[1], "w") as log:
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
@@ -191,7 +199,7 @@ def cmd_sigterm_resume(a):
     device = run_device(logs[1])
     check_device(device, a.device)
     key = "dice" if "dice" in last else "AP"
-    print(f"2 ranks on {device}: SIGTERM to rank 1 at step {saved_at}/{total}, saved and exited "
+    print(f"2 ranks on {device}: SIGTERM to rank 1's process group at step {saved_at}/{total}, saved and exited "
           f"(torchrun rc {first.returncode}); rerun resumed at step {saved_at}, finished epoch {epochs}, "
           f"val {key} {last[key]:.3f}")
 

@@ -1,13 +1,14 @@
-"""bench.py sections `peers` and `gpu`: RAT next to what a user would pick instead, and on a GPU.
+"""Benchmark sections `peers` and `gpu`: RAT next to what a user would pick instead, and on a GPU.
 
-    pip install -r requirements-bench.txt         # the peers: the published RAT, timm
-    python bench.py --only peers --write           # ~10 min on 2 CPU cores
-    python bench.py --only gpu --write             # on a CUDA machine, < 5 min, unattended
-    python bench.py --only gpu --gpu-dry-run       # the same code on the CPU at 32-64 px
+    pip install -r requirements-bench.txt                  # the peers: the published RAT, timm
+    python tools/bench_peers.py --only peers --write       # into BENCHMARKS.md, next to bench.py's sections
+    python tools/bench_peers.py --only gpu --write         # on a CUDA machine, unattended (--gpu-budget)
+    python tools/bench_peers.py --only gpu --gpu-dry-run   # the same code on the CPU at 32-64 px
 
+Built on bench.py (its helpers and command line, bench.cli); bench.py does not import this.
 The peers are optional extras, imported only here, inside the measuring workers
 (never by the model or training code). Each configuration runs in a fresh process
-(bench.run_worker), so its peak memory is its own; a failure (out of memory, an
+(run_worker), so its peak memory is its own; a failure (out of memory, an
 error) becomes a row of the table, not a crash.
 """
 
@@ -17,12 +18,16 @@ import math
 import os
 import re
 import resource
+import sys
 import time
 
 import torch
 
-import bench
-from bench import log, slope, table
+# bench and model are top-level modules: importable from any working directory
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+import metrics  # noqa: E402
+from bench import log, slope, table  # noqa: E402
 
 PEER_MODULES = {"resolution_aware_transformer": "resolution-aware-transformer", "timm": "timm"}
 RAT_P1_MAX = 512                   # RAT with patch 1 at 1024 px: first global attention on 65536 tokens, minutes here
@@ -66,8 +71,8 @@ def mem_meter():
         before = proc_status_mib("VmRSS")
         return lambda: proc_status_mib("VmHWM") - before
     except OSError:
-        before = bench.peak_mib()
-        return lambda: bench.peak_mib() - before
+        mark = metrics.memory_mark(bench.device())
+        return lambda: metrics.memory_growth_mib(bench.device(), mark)
 
 
 def short_error(e):
@@ -138,6 +143,11 @@ def features(name, model, x):
 
 
 # ------------------------------------------------------------------------ workers (fresh processes)
+def run_worker(spec, a, **kw):
+    """bench.run_worker with this file as the worker script, for the WORKERS below."""
+    return bench.run_worker(spec, a, script=os.path.abspath(__file__), **kw)
+
+
 def peer_step(name, model, x, train):
     def step():
         if train:
@@ -176,12 +186,12 @@ def run_peers(a, names, size, batch, train):
     spec, res = dict(kind="peer", size=size, batch=batch, train=train), {}
     for name in names:
         log(f"peers: {name} {size} px {'train' if train else 'inference'}")
-        r = bench.run_worker({**spec, "names": [name], "reps": 0}, a, timeout=900, env=MEASURE_ENV)
+        r = run_worker({**spec, "names": [name], "reps": 0}, a, timeout=900, env=MEASURE_ENV)
         res[name] = r.get(name, r)                                # the whole answer is an error if the process failed
     ok = [name for name in names if "error" not in res[name]]
     if ok:
         log(f"peers: timing {', '.join(ok)} at {size} px")
-        r = bench.run_worker({**spec, "names": ok, "reps": a.reps}, a, timeout=1800)
+        r = run_worker({**spec, "names": ok, "reps": a.reps}, a, timeout=1800)
         for name in ok:                                           # its time; the memory from its own process
             t = r.get(name, r)
             res[name] = {**res[name], **({"s": t["s"]} if "s" in t else {"error": t.get("error", "not timed")})}
@@ -397,23 +407,24 @@ def gpu_plan(a):
 def sec_gpu(a):
     if not torch.cuda.is_available() and not a.gpu_dry_run:
         return ("No CUDA device was available on this machine: nothing measured. On a GPU machine, "
-                f"`python bench.py --only gpu --write` measures this section in under {a.gpu_budget // 60 + 1} min "
+                f"`python tools/bench_peers.py --only gpu --write` measures this section in under "
+                f"{a.gpu_budget // 60 + 1} min "
                 "(`--gpu-budget` seconds, unattended); `--gpu-dry-run` runs the same code on the CPU at 32-64 px."), {}
     sizes, ladder, backend, reps = gpu_plan(a)
     t0, res = time.time(), {}
     left = lambda: max(10, int(a.gpu_budget - (time.time() - t0)))
     for model in ("rat", "unet"):               # eager first (fast), then the largest size, then compile
         log(f"gpu: {model} eager")
-        res[(model, "eager")] = bench.run_worker(dict(kind="gpu", model=model, sizes=sizes, batch=2, reps=reps), a,
-                                                 timeout=left())
+        res[(model, "eager")] = run_worker(dict(kind="gpu", model=model, sizes=sizes, batch=2, reps=reps), a,
+                                           timeout=left())
     for model in ("rat", "unet"):
         log(f"gpu: {model} largest batch-1 size")
-        res[(model, "largest")] = bench.run_worker(dict(kind="gpu", model=model, sizes=ladder, batch=1, reps=1,
-                                                        stop_at_first_failure=True), a, timeout=left() // 5)
+        res[(model, "largest")] = run_worker(dict(kind="gpu", model=model, sizes=ladder, batch=1, reps=1,
+                                                  stop_at_first_failure=True), a, timeout=left() // 5)
     for i, model in enumerate(("rat", "unet")):
         log(f"gpu: {model} compiled ({backend})")
-        res[(model, "compiled")] = bench.run_worker(dict(kind="gpu", model=model, sizes=sizes, batch=2, reps=reps,
-                                                         backend=backend), a, timeout=left() // (2 - i))
+        res[(model, "compiled")] = run_worker(dict(kind="gpu", model=model, sizes=sizes, batch=2, reps=reps,
+                                                   backend=backend), a, timeout=left() // (2 - i))
     return gpu_report(a, res, sizes, ladder, backend, time.time() - t0), {"gpu": res}
 
 
@@ -461,3 +472,19 @@ def gpu_report(a, res, sizes, ladder, backend, took):
             + f"\n\nLargest size that trains at batch 1 (eager bf16, sizes {ladder[0]} to {ladder[-1]} in steps of "
             f"about sqrt 2):\n\n- RAT: {largest(res[('rat', 'largest')], ladder)}\n"
             f"- U-Net: {largest(res[('unet', 'largest')], ladder)}")
+
+
+SECTIONS = {"peers": sec_peers, "gpu": sec_gpu}
+
+
+def add_gpu_args(p):
+    p.add_argument("--gpu-budget", type=int, default=270, help="seconds for the whole gpu section (compiles included)")
+    p.add_argument("--gpu-dry-run", action="store_true", help="gpu section: run its code on the CPU at 32-64 px")
+
+
+def main():
+    bench.cli(SECTIONS, WORKERS, __file__, __doc__, add_gpu_args)
+
+
+if __name__ == "__main__":
+    main()

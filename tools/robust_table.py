@@ -1,8 +1,8 @@
 """Assemble the resolution robustness study's table and plot from its run folders
 (written by `PRESET=robust bash ablate.sh`, or PRESET=robust_det for detection).
 
-    python robust_table.py --out ablations/robust --seeds 0,1,2 --preset robust
-    python robust_table.py --out ablations/robust_det --seeds 0 --preset robust_det
+    python tools/robust_table.py --out ablations/robust --seeds 0,1,2 --preset robust
+    python tools/robust_table.py --out ablations/robust_det --seeds 0 --preset robust_det
 
 Reads OUT/variants.tsv (names <model>_<recipe>, recipe single: trained at one size, multi:
 --train-sizes) and, per run OUT/runs/<name>_s<seed>/: args.json (the task), metrics.jsonl
@@ -21,7 +21,9 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ablate_table import BUFFERS, fmt, read_json, read_study, stats
+# tools.ablate_table from any working directory, run as a script or imported
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.ablate_table import BUFFERS, fmt, read_json, read_study, stats  # noqa: E402
 
 INPUTS = ("native", "resized")  # eval.py's input column: "native" or "resized to <train size>"
 RECIPES = ("single", "multi")  # trained at one size; with --train-sizes
@@ -61,7 +63,7 @@ def num_params(run):
     return sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))
 
 
-def load_run(run):
+def read_sweep_run(run):
     """-> dict with status ('ok', 'does not fit', 'failed', 'missing'), args, time and
     scores[(metric, input, resolution)]; det also params (the baselines' sizes matter)."""
     for marker, status in (("does_not_fit.txt", "does not fit"), ("failed.txt", "failed")):
@@ -346,7 +348,7 @@ def plot_curves(loaded, names, path, task):
 def main():
     a, seeds, table = read_study("Write the resolution robustness study's results.md, .csv and plot")
     names = [r["variant"] for r in table]
-    loaded = {n: [load_run(os.path.join(a.out, "runs", f"{n}_s{s}")) for s in seeds] for n in names}
+    loaded = {n: [read_sweep_run(os.path.join(a.out, "runs", f"{n}_s{s}")) for s in seeds] for n in names}
     ok = [r for runs in loaded.values() for r in runs if r["status"] == "ok"]
     if not ok:  # nothing to tabulate; say why, per run (ablate.sh lists the failures)
         status = [f"- {n}_s{s}: {r['status']}" for n in names for s, r in zip(seeds, loaded[n])]
