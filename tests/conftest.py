@@ -3,16 +3,31 @@ tests start, and small helpers. pytest puts this folder on sys.path (it has no _
 so a test file imports them by name: `from conftest import ROOT, ENV`."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # one thread per process the tests start: the CPU is shared
+
+
+@pytest.fixture
+def keep_sigterm():
+    """Restore the SIGTERM handler that an in-process train.main installs."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def records(out):
+    """A run folder's metrics.jsonl as a list of dicts."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def launcher(nproc=1):

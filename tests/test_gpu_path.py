@@ -1,7 +1,6 @@
 """The multi-GPU and cluster path, where a CPU can show it: collectives on the training
 device, bf16 kept out of box decoding, resumes that never skip a validation, per-rank
 random streams, no hang when a rank has nothing to validate, prompt exit on SIGTERM."""
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from conftest import ENV, ROOT, launcher, max_diff, write_isic
+from conftest import ENV, ROOT, launcher, max_diff, records, write_isic
 from model import build_detector
 from tools.gpu_check import children
 
@@ -32,17 +31,6 @@ def in_process(out, *extra):
     """train.main in this process (no torchrun), so that a test can patch its functions."""
     args = train.get_args_parser().parse_args([*TINY, "--out", str(out), *extra])
     train.main(train.fill_defaults(args))
-
-
-@pytest.fixture
-def keep_sigterm():
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ collectives (item 1)

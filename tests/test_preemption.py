@@ -1,7 +1,6 @@
 """Preemption and crashes at the worst moments: SIGTERM to the whole process group (as torchrun
 and scancel send it), a crash between the writes that end an epoch, a slow first caching under
 torchrun, and the per-step checks folded into one collective every --sync-every steps."""
-import json
 import os
 import re
 import signal
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import ENV, ROOT, launcher
+from conftest import ENV, ROOT, launcher, records
 
 TINY = ["--task", "seg", "--image-size", "32", "--dim", "16", "--depth", "2", "--heads", "2", "--val-size", "4",
         "--workers", "0", "--seed", "7"]
@@ -32,17 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def keep_sigterm():
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def model(path):
