@@ -116,11 +116,11 @@ class RAT(nn.Module):
         self.ref_size = ref_size  # see zoom()
         # stem "conv": two 32-channel 3x3 convs at full resolution first; "patch": the patch projection alone
         self.pixel_stem = PixelStem(in_chans, 32, 2, spatial_dims) if stem == "conv" else None
+        stem_in = self.pixel_stem[0].out_channels if self.pixel_stem else in_chans
         # Overlapping patches, centered on their cell: kernel P + 2 * (P // 2), so
         # that token j sits at (j + 0.5) * P pixels, as the coordinates say.
         conv = getattr(nn, f"Conv{spatial_dims}d")
-        self.stem = conv(32 if self.pixel_stem else in_chans, dim, patch + 2 * (patch // 2), stride=patch,
-                         padding=patch // 2)
+        self.stem = conv(stem_in, dim, patch + 2 * (patch // 2), stride=patch, padding=patch // 2)
         self.stem_norm = nn.LayerNorm(dim)
         self.sgas = nn.ModuleList(SGA(dim, heads, s, spatial_dims, sga, radius, sga_iters, pe, rotary_ratio,
                                       mlp_ratio, dropout) for s in strides)
@@ -140,12 +140,13 @@ class RAT(nn.Module):
         if spacings is None:
             spacings = [tuple(1.0 / n for n in x.shape[2:]) for x in levels]
         size = levels[0].shape[2:]
+        f = self.zoom(size)
         stage = []
         for x, sp in zip(levels, spacings):
             x = normalize(x)
             if self.pixel_stem is not None:
-                x = self.pixel_stem(x, self.zoom(size))                 # [B, 32, *size_l]
-            t = self.stem_tokens(x, self.zoom(size))                    # [B, dim, *grid]
+                x = self.pixel_stem(x, f)                                # [B, 32, *size_l]
+            t = self.stem_tokens(x, f)                                  # [B, dim, *grid]
             grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
             t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
             if self.pe == "absolute":
