@@ -12,10 +12,10 @@
 #
 # Presets (PRESET=...):
 #   cpu   (default) the component study: one change at a time from the default model
-#         (variants default, scales_1, scales_1_0.5_0.25, pe_rope|absolute|none, sga_dense|
-#         none, depth_2|6|8, dim_DIM/2, dim_3*DIM/2, unet), evaluated at 0.5x, 1x, 2x
-#         IMAGE_SIZE, the default also with --ignore-spacing. Synthetic data, 64 px, 600
-#         train / 100 val, 6 epochs, batch 16, dim 64, depth 4, heads 4, patch 2.
+#         (variants default, scales_1_0.5, scales_1_0.5_0.25, pe_rope|absolute|none, sga_dense|
+#         none, stem_patch, depth_2|6|8, dim_DIM/2, dim_3*DIM/2, unet), evaluated at 0.5x, 1x,
+#         2x IMAGE_SIZE, the default also with --ignore-spacing. Synthetic data, 64 px, 600
+#         train / 100 val, 6 epochs, batch 16, dim 64, depth 4, heads 4, patch 4.
 #   full  the component study on DATA=isic, 256 px, all images, 10 epochs, batch 16, dim 128,
 #         depth 4, heads 8, patch 4, lr 1e-4, dropout 0.1; one training at a time over NPROC
 #         GPUs (torchrun).
@@ -24,7 +24,7 @@
 #         (<model>_single) and at TRAIN_SIZES (<model>_multi, default 0.5x,0.75x,1x,1.5x,2x
 #         IMAGE_SIZE, one size per step), evaluated at 0.5x, 1x, 2x, 4x IMAGE_SIZE natively
 #         and resized to IMAGE_SIZE (eval.py --resize-to-train). Synthetic data, 64 px, 1000
-#         train / 100 val, 8 epochs, batch 16, dim 64, depth 4, heads 4, patch 2; writes
+#         train / 100 val, 8 epochs, batch 16, dim 64, depth 4, heads 4, patch 4; writes
 #         dice_vs_resolution.png too.
 #   robust_det  the same for detection (--task det, AP50 and AP): models rat, cnn (CNN + FPN
 #         of about RAT's parameter count), resnet (ResNet-18 + FPN); evaluated at 0.75x, 1x,
@@ -54,7 +54,7 @@ case $PRESET in
     DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-64}; TRAIN_SIZE=${TRAIN_SIZE:-600}
     VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-6}
     BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
-    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-4}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
   full)
     DATA=${DATA:-isic}; IMAGE_SIZE=${IMAGE_SIZE:-256}; TRAIN_SIZE=${TRAIN_SIZE:-}
@@ -67,13 +67,13 @@ case $PRESET in
     DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-32}; TRAIN_SIZE=${TRAIN_SIZE:-16}
     VAL_SIZE=${VAL_SIZE:-4}; TEST_LIMIT=${TEST_LIMIT:-4}; EPOCHS=${EPOCHS:-1}
     BATCH_SIZE=${BATCH_SIZE:-8}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-16}
-    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-2}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-2}; PATCH=${PATCH:-4}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-1}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
   robust)
     DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-64}; TRAIN_SIZE=${TRAIN_SIZE:-1000}
     VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-8}
     BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
-    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-2}; NPROC=${NPROC:-1}
+    DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-4}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
   robust_det)  # one seed by default: a det training takes minutes on this CPU
     TASK=det; DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-128}; TRAIN_SIZE=${TRAIN_SIZE:-1000}
@@ -93,13 +93,14 @@ RUNS=$OUT/runs
 # The variants: name, what it changes (train.py flags appended to the default ones).
 COMPONENT_VARIANTS=(
   "default|"
-  "scales_1|--scales 1"
+  "scales_1_0.5|--scales 1,0.5"
   "scales_1_0.5_0.25|--scales 1,0.5,0.25"
   "pe_rope|--pe rope"
   "pe_absolute|--pe absolute"
   "pe_none|--pe none"
   "sga_dense|--sga dense"
   "sga_none|--sga none"
+  "stem_patch|--stem patch --head refine"
   "depth_2|--depth 2"
   "depth_6|--depth 6"
   "depth_8|--depth 8"
@@ -130,7 +131,7 @@ if [[ $PRESET == robust || $PRESET == robust_det ]]; then
 else
   ALL_VARIANTS=("${COMPONENT_VARIANTS[@]}")
 fi
-DEFAULT_FLAGS=(--task "$TASK" --data "$DATA" --image-size "$IMAGE_SIZE" --scales 1,0.5 --pe rose --sga local
+DEFAULT_FLAGS=(--task "$TASK" --data "$DATA" --image-size "$IMAGE_SIZE" --pe rose --sga local
                --depth "$DEPTH" --dim "$DIM" --heads "$HEADS" --patch "$PATCH" --epochs "$EPOCHS"
                --batch-size "$BATCH_SIZE" --lr "$LR" --dropout "$DROPOUT" --workers "$WORKERS")
 [[ -n $DATA_DIR ]] && DEFAULT_FLAGS+=(--data-dir "$DATA_DIR")

@@ -1,9 +1,10 @@
-"""Benchmarks: scaling, baselines, utilization, data, distributed, threads, compile.
+"""Benchmarks: scaling, baselines, utilization, data, distributed, threads, compile, predict.
 
     python bench.py                          # every section, markdown to stdout
     python bench.py --write                  # ... and into BENCHMARKS.md (its other sections are kept)
     python bench.py --quick                  # tiny sizes: a smoke test
     python bench.py --only scaling,baseline  # some sections (with --write: only those sections of the file change)
+    python bench.py --only predict --threads 2 --megapixels 1,4,12,24   # predict.py on one photo per size
 
 The sections `peers` (the published RAT, timm's Swin and ViT: `pip install -r
 requirements-bench.txt`) and `gpu` (skipped without CUDA) are tools/bench_peers.py's,
@@ -17,6 +18,7 @@ each scaling configuration runs in a fresh process; on CPU the growth of peak RS
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -35,7 +37,7 @@ import metrics
 from data import atomic_open
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile")
+SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile", "predict")
 RAT = dict(dim=128, depth=4, heads=8)                 # the model under test: default patch and strides
 SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLOP_OPS = ("mm", "addmm", "bmm", "convolution", "convolution_backward", "_scaled_dot_product")
@@ -502,6 +504,67 @@ def sec_compile(a):
     return md, {}
 
 
+# ------------------------------------------------------------------------ predict: one photo at its own size
+# The ISIC recipe's model (README, Datasets): what a user segments their own photos with
+ISIC_PRESET = dict(task="seg", model="rat", image_size=256, scales=[1.0, 0.5], pe="rose", sga="local", depth=4, dim=128,
+                   heads=8, patch=4, strides=[2, 2, 2, 1], dropout=0.1, num_classes=1, token_grid="physical",
+                   head="conv", stem="conv")
+
+
+def photo_size(megapixels):
+    """(H, W) of a 3:2 landscape photo of about that many megapixels (24: 4000 x 6000)."""
+    h = round(math.sqrt(megapixels * 1e6 * 2 / 3))
+    return h, round(h * 3 / 2)
+
+
+def predict_worker(megapixels, dim):
+    """predict.py's work for one JPEG photo (decode, forward at its native size, mask written), in this
+    fresh process: seconds, peak RSS growth, and predict.py's own estimate of that peak."""
+    from PIL import Image
+
+    import predict
+    from model import build_model
+    arch = dict(ISIC_PRESET, dim=dim)
+    torch.manual_seed(0)
+    model = build_model(arch).to(device()).eval()          # random weights: the cost does not depend on them
+    h, w = photo_size(megapixels)
+    with tempfile.TemporaryDirectory(prefix="rat_bench_predict_") as tmp:
+        path = os.path.join(tmp, "photo.jpg")
+        coarse = np.random.default_rng(0).integers(0, 256, (h // 200 + 2, w // 200 + 2, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((w, h), Image.BICUBIC).save(path, quality=90)   # smooth, as a photo
+        args = predict.get_args_parser().parse_args([path, "--out", tmp])
+        mark = metrics.memory_mark(device())
+        start = time.perf_counter()
+        predict.predict_file(path, model, predict.predictor(model, arch, args), arch, args, device(), None)
+        seconds = time.perf_counter() - start
+        peak = metrics.memory_growth_mib(device(), mark)
+    return dict(size=[h, w], seconds=seconds, peak_mib=peak,
+                estimate_mib=predict.peak_bytes((h, w), (h, w), arch, False) / 2 ** 20)
+
+
+def sec_predict(a):
+    sizes = [0.02, 0.05] if a.quick else [float(v) for v in a.megapixels.split(",")]
+    dim = 32 if a.quick else ISIC_PRESET["dim"]
+    rows = []
+    for mp in sizes:
+        log(f"predict {mp:g} MP")
+        r = run_worker(dict(kind="predict", megapixels=mp, dim=dim), a, timeout=1800)
+        h, w = photo_size(mp)
+        if "error" in r:
+            rows.append([f"{mp:g}", f"{w} x {h}", r["error"], "", ""])
+            continue
+        rows.append([f"{mp:g}", f"{w} x {h}", f"{r['seconds']:.1f}", f"{r['peak_mib'] / 1024:.2f}",
+                     f"{r['estimate_mib'] / 1024:.2f}"])
+    mem = "peak CUDA GiB" if torch.cuda.is_available() else "peak RSS growth GiB"
+    arch = ", ".join(f"{k} {v}" for k, v in dict(ISIC_PRESET, dim=dim).items() if k not in ("task", "model", "num_classes"))
+    return (f"`predict.py` on one photo at its native size (a smooth 3:2 JPEG), each size in a fresh process, "
+            f"{a.threads} intra-op thread(s): the ISIC recipe's model ({arch}; random weights), so the zoom is "
+            f"about (H / {ISIC_PRESET['image_size']}, W / {ISIC_PRESET['image_size']}). Seconds: "
+            f"decode, forward (inference mode), mask written. Memory: over that work; estimate: what predict.py "
+            f"compares with the free memory (or --memory-limit). Target (issue 24): 24 MP within 8 GB and 60 s.\n\n"
+            + table(["MP", "W x H", "seconds", mem, "estimate GiB"], rows)), {}
+
+
 def cli(sections, workers, script, doc, add_args=None, quick_skips=()):
     """The command line of a benchmark script (this one, tools/bench_peers.py): runs sections
     {name: sec_<name>(args) -> (markdown, measurements)} and prints the markdown; --write puts each
@@ -556,16 +619,17 @@ def cli(sections, workers, script, doc, add_args=None, quick_skips=()):
 
 
 WORKERS = {"scale": scale_worker, "dense": dense_worker, "step": step_worker, "compile": compile_worker,
-           "dist": dist_worker}
+           "dist": dist_worker, "predict": predict_worker}
 
 
-def add_compile_args(p):
+def add_args(p):
     p.add_argument("--compile-depth", type=int, default=1, help="RAT depth for the torch.compile measurement")
     p.add_argument("--compile-timeout", type=int, default=400, help="seconds allowed to compile and time it")
+    p.add_argument("--megapixels", default="1,4,12,24", help="predict: photo sizes, one fresh process each")
 
 
 def main():
-    cli({name: globals()[f"sec_{name}"] for name in SECTIONS}, WORKERS, __file__, __doc__, add_compile_args,
+    cli({name: globals()[f"sec_{name}"] for name in SECTIONS}, WORKERS, __file__, __doc__, add_args,
         quick_skips=("compile",))
 
 

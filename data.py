@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from synthetic import AUGMENT_STREAM, SHAPE_CLASSES, as_hw, draw_lesion, lesion_scene, render_shapes
@@ -170,6 +170,41 @@ class SegDataset(torch.utils.data.Dataset):
         path = self.originals[i][1]
         mask, _ = open_image(path)
         return torch.from_numpy(binary_mask(mask, path))[None]
+
+
+class NativeSegDataset(torch.utils.data.Dataset):
+    """ISIC images at their own size, no resize and no squash (eval.py --resolutions native):
+    (levels, mask), levels[l] [3, h_l, w_l] at level_sizes((H, W), scales) of the original and
+    mask its ground truth, bool [1, H, W]. The spacing the model derives, (1/H, 1/W), puts each
+    image in the training frame (field of view 1 per axis). Sizes differ: one image per batch,
+    read in the main process (a 24 MP image is 290 MB as floats, too much for the shared memory
+    of a loader's workers)."""
+    source, with_masks, size = "isic", True, None
+
+    def __init__(self, split, scales, data_dir, length=None):
+        if data_dir is None:
+            raise ValueError("--data isic needs --data-dir (the folder holding ISIC2018_Task1-2_Training_Input)")
+        self.scales = scales
+        self.originals = isic_split_files(data_dir, split)[:length]
+
+    def __len__(self):
+        return len(self.originals)
+
+    def __getitem__(self, i):
+        image_path, mask_path = self.originals[i]
+        image = image_tensor(open_rgb(image_path))                               # [3, H, W]
+        mask = self.original_mask(i)
+        if mask.shape[1:] != image.shape[1:]:
+            raise ValueError(f"{mask_path}: mask is {mask.shape[2]}x{mask.shape[1]}, "
+                             f"but its image is {image.shape[2]}x{image.shape[1]}")
+        return native_levels(image, self.scales), mask
+
+    original_mask = SegDataset.original_mask
+
+
+def native_levels(image, scales):
+    """[3, H, W] -> the pyramid at level_sizes((H, W), scales), as the datasets build it."""
+    return [image] + [resize(image, size) for size in level_sizes(tuple(image.shape[1:]), scales)[1:]]
 
 
 def read_original_masks(dataset, indices):
@@ -343,7 +378,7 @@ def cache_isic_pair(image_path, mask_path, size, cache_dir):
     # resize the mask as grey levels and threshold at half: smoother borders than NEAREST
     mask = Image.fromarray((np.asarray(mask.resize((w, h), Image.BILINEAR)) >= 128).astype(np.uint8) * 255)
     save_png_atomic(mask, cached_mask)
-    save_png_atomic(image.convert("RGB").resize((w, h), Image.BILINEAR), cached_image)
+    save_png_atomic(to_rgb(image, image_path).resize((w, h), Image.BILINEAR), cached_image)
     return cached_image, cached_mask
 
 
@@ -358,6 +393,40 @@ def open_image(path, draft=None):
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
     return image, size
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # PIL's modes of 16-bit (and 32-bit integer) images
+
+
+def to_rgb(image, path):
+    """Any PIL image -> 8-bit RGB, as every image of training and evaluation is read: PIL's
+    convert("RGB") (grayscale repeated, alpha dropped, CMYK and palettes converted), and a
+    16-bit image scaled from its full range first (convert would clip it at 255)."""
+    try:
+        if image.mode in SIXTEEN_BIT:
+            values = np.asarray(image).astype(np.float32) / 257                  # 65535 -> 255
+            image = Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8))
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError) as e:  # a mode PIL cannot convert
+        raise ValueError(f"{path}: cannot convert {image.mode} image to RGB ({e})") from None
+
+
+def open_rgb(path, exif=False, draft=None):
+    """An image file -> 8-bit RGB PIL image (to_rgb). exif: turned upright as its EXIF orientation
+    says, as a viewer shows a camera's photo (predict.py; the ISIC and COCO annotations are in
+    the stored orientation, so the datasets leave it)."""
+    image, _ = open_image(path, draft)
+    if exif:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except (OSError, ValueError, SyntaxError) as e:  # a malformed EXIF block
+            raise ValueError(f"{path}: cannot read its EXIF orientation ({e})") from None
+    return to_rgb(image, path)
+
+
+def image_tensor(image):
+    """RGB PIL image -> float [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
 
 
 def binary_mask(mask, path):
@@ -406,7 +475,8 @@ class DetDataset(torch.utils.data.Dataset):
     COCO splits: test is val2017; val is a fixed, seeded hold-out of coco_val_size train2017
     images (independent of --seed) and train the rest of train2017, so the split that
     picks ckpt_best.pt is never the one reported. Images of any aspect ratio are squashed
-    to S x S; boxes follow with their own x and y scales."""
+    to S x S; boxes follow with their own x and y scales. image_size None (COCO only): every
+    image at its own size, boxes in its own pixels (eval.py --resolutions native)."""
 
     def __init__(self, source, split, image_size, augment=False, data_dir=None, seed=0, length=None,
                  coco_val_size=COCO_VAL_SIZE):
@@ -457,13 +527,14 @@ class DetDataset(torch.utils.data.Dataset):
 
     def _load_coco(self, i, size):
         r = self.records[i]
-        image, (w, h) = open_image(r["path"], draft=(size, size))
+        image, (w, h) = open_image(r["path"], draft=None if size is None else (size, size))
         if (h, w) != r["size"]:
             raise ValueError(f"{r['path']}: image is {w}x{h} but its annotation says {r['size'][1]}x{r['size'][0]}")
-        # a plain square resize; boxes follow with their own x and y scales
-        image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-        sx, sy = size / w, size / h
+        image = to_rgb(image, r["path"])
+        if size is not None:  # a plain square resize; boxes follow with their own x and y scales
+            image = image.resize((size, size), Image.BILINEAR)
+        image = image_tensor(image)
+        sx, sy = (1.0, 1.0) if size is None else (size / w, size / h)
         target = dict(boxes=torch.from_numpy(r["boxes"] * np.array([sx, sy, sx, sy], np.float32)),
                       labels=torch.from_numpy(r["labels"]), iscrowd=torch.from_numpy(r["iscrowd"]),
                       area=torch.from_numpy(r["area"] * np.float32(sx * sy)), image_id=r["id"], orig_size=(h, w),

@@ -13,7 +13,6 @@ Everything works in 1, 2 or 3 spatial dims. Spacing is physical units per pixel;
 by default the field of view is 1, so spacing = 1 / size (DESIGN.md section 1).
 """
 
-import itertools
 import math
 from collections import OrderedDict
 
@@ -27,7 +26,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 
 from rose import RoSE, grid_centers, positions, rotate, sincos_embedding
-from sga import MLP, SGA, resize_kernel
+from sga import MLP, SGA, per_axis
 
 def default_strides(depth):
     """Group by 4, then by 2 twice, then keep the grid (stride 1), so that any depth
@@ -81,29 +80,34 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PixelStem(nn.Sequential):
-    """3x3 convolutions at the input's own pixels before the patch projection: with them a
-    vision transformer learns much faster than from a linear patchify alone (Xiao et al. 2021,
-    "Early convolutions help transformers see better"). On the physical grid, at f times the
-    training resolution, every kernel is dilated by round(f), so that it spans the physical
-    extent it learned: exact for integer f (the dilated convolution of an image upsampled f
-    times is the upsampled convolution, and GroupNorm's statistics do not change)."""
+def conv_gelu(conv, x, zoom, stride=1):
+    """`conv` (3x3, no padding of its own), then LayerNorm over each pixel's channels and GELU.
+    On the physical grid, at f times the training resolution, the kernel is dilated by round(f)
+    per axis, so that it spans the physical extent it learned: exact for integer f (the dilated
+    conv of an image upsampled f times is the upsampled conv; a stride-2 one keeps the training
+    outputs at every f-th position). The norm has no spatial statistics, so it stays exact where
+    GroupNorm would see the f times denser grid of a stride-2 layer."""
+    D = x.dim() - 2
+    d = tuple(max(1, round(z)) for z in per_axis(zoom, D))
+    x = getattr(F, f"conv{D}d")(x, conv.weight, conv.bias, stride=stride, padding=d, dilation=d)
+    return F.gelu(F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1))
 
-    def __init__(self, in_chans, width, convs, spatial_dims):
+
+class ConvStem(nn.Module):
+    """Early convolutions before the patch projection (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): a 3x3 conv at full resolution, then a stride-2 and a 3x3
+    conv at half resolution, where the patch projection takes over (stride patch / 2). The
+    segmentation decoder takes both maps back as skips, as a U-Net's decoder does."""
+
+    def __init__(self, in_chans, widths, spatial_dims):
+        super().__init__()
         conv = getattr(nn, f"Conv{spatial_dims}d")
-        layers = []
-        for i in range(convs):
-            layers += [conv(in_chans if i == 0 else width, width, 3, padding=1), nn.GroupNorm(4, width), nn.GELU()]
-        super().__init__(*layers)
+        (w1, w2), self.widths = widths, widths
+        self.at_full, self.down, self.at_half = conv(in_chans, w1, 3), conv(w1, w2, 3), conv(w2, w2, 3)
 
-    def forward(self, x, zoom=1.0):
-        d = max(1, round(zoom))
-        for layer in self:
-            if isinstance(layer, nn.modules.conv._ConvNd) and d > 1:
-                x = getattr(F, f"conv{x.dim() - 2}d")(x, layer.weight, layer.bias, padding=d, dilation=d)
-            else:
-                x = layer(x)
-        return x                                                    # [B, width, *size]
+    def forward(self, x, zoom):
+        full = conv_gelu(self.at_full, x, zoom)                                         # [B, w1, *size]
+        return full, conv_gelu(self.at_half, conv_gelu(self.down, full, zoom, stride=2), zoom)   # [B, w2, *size / 2]
 
 
 class RAT(nn.Module):
@@ -114,13 +118,15 @@ class RAT(nn.Module):
         strides = strides or default_strides(depth)
         self.dim, self.patch, self.pe, self.spatial_dims = dim, patch, pe, spatial_dims
         self.ref_size = ref_size  # see zoom()
-        # stem "conv": two 32-channel 3x3 convs at full resolution first; "patch": the patch projection alone
-        self.pixel_stem = PixelStem(in_chans, 32, 2, spatial_dims) if stem == "conv" else None
-        stem_in = self.pixel_stem[0].out_channels if self.pixel_stem else in_chans
+        # stem "conv": ConvStem (16 channels at full resolution, 32 at half), then the patch
+        # projection on the half-resolution map; "patch": the patch projection on the image alone
+        self.conv_stem = ConvStem(in_chans, (16, 32), spatial_dims) if stem == "conv" else None
+        stem_in = self.conv_stem.widths[1] if self.conv_stem else in_chans
         # Overlapping patches, centered on their cell: kernel P + 2 * (P // 2), so
-        # that token j sits at (j + 0.5) * P pixels, as the coordinates say.
+        # that token j sits at (j + 0.5) * P pixels of the map it reads, as the coordinates say.
         conv = getattr(nn, f"Conv{spatial_dims}d")
-        self.stem = conv(stem_in, dim, patch + 2 * (patch // 2), stride=patch, padding=patch // 2)
+        P = self.projection_stride = patch // 2 if self.conv_stem else patch
+        self.stem = conv(stem_in, dim, P + 2 * (P // 2), stride=P, padding=P // 2)
         self.stem_norm = nn.LayerNorm(dim)
         self.sgas = nn.ModuleList(SGA(dim, heads, s, spatial_dims, sga, radius, sga_iters, pe, rotary_ratio,
                                       mlp_ratio, dropout) for s in strides)
@@ -136,22 +142,24 @@ class RAT(nn.Module):
         size of levels[0] itself (zoom), so that eval.py --ignore-spacing changes what the
         positions say and not the token grid.
         Returns `stages`, the stem then one per block, each a list over levels of
-        (tokens [B, N, dim], grid, spacing, assignment or None)."""
+        (tokens [B, N, dim], grid, spacing, what the decoder needs to go back to the stage's
+        input): a block's assignment; the stem's maps (full, half) with the conv stem, else None."""
         if spacings is None:
             spacings = [tuple(1.0 / n for n in x.shape[2:]) for x in levels]
         size = levels[0].shape[2:]
-        f = self.zoom(size)
+        f = self.zoom(size)                                             # one factor per axis
         stage = []
         for x, sp in zip(levels, spacings):
-            x = normalize(x)
-            if self.pixel_stem is not None:
-                x = self.pixel_stem(x, f)                                # [B, 32, *size_l]
+            x, maps = normalize(x), None
+            if self.conv_stem is not None:
+                maps = self.conv_stem(pad_to_multiple(x, self.patch), f)
+                x = maps[1]                                             # [B, w2, *padded size_l / 2]
             t = self.stem_tokens(x, f)                                  # [B, dim, *grid]
             grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
             t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
             if self.pe == "absolute":
                 t = t + sincos_embedding(grid_centers(grid, sp), self.dim).to(t)
-            stage.append((t, grid, sp, None))
+            stage.append((t, grid, sp, maps))
         stages = [stage]
         for sga, block, stride in zip(self.sgas, self.blocks, self.block_strides(size)):
             stage = [sga(t, grid, sp, stride) for t, grid, sp, _ in stage]  # per level: downsample
@@ -171,38 +179,75 @@ class RAT(nn.Module):
     # stride is f times larger, so that every later block sees the token grid and spacing
     # of training while SGA and the decoder use every native pixel (DESIGN.md section 8).
     # Kernels are resampled by area (sga.resize_kernel): exact for integer f. At the
-    # training size nothing changes.
+    # training size nothing changes. All of it per axis: an image of another aspect than the
+    # (square) training images, or a volume of anisotropic voxels, zooms by a different f on
+    # each axis.
 
     def zoom(self, size):
-        """Input pixels per training pixel, f, from the finest level's size in pixels (its
-        first dim; every level of a pyramid is zoomed alike)."""
-        return size[0] / self.ref_size if self.ref_size else 1
+        """Input pixels per training pixel on each axis, (f_1, .., f_D), from the finest level's
+        size in pixels: training squashed every image to ref_size per axis (field of view 1 on
+        each), so a native H x W image zooms by (H / ref, W / ref). Every level of a pyramid is
+        zoomed alike."""
+        if not self.ref_size:
+            return (1.0,) * len(size)
+        return tuple(n / r for n, r in zip(size, per_axis(self.ref_size, len(size))))
 
     def stem_tokens(self, x, f):
-        """[B, C, *size] -> [B, dim, *size / patch], the kernel zoomed f times."""
-        x = pad_to_multiple(x, self.patch)
-        K0, P = self.stem.kernel_size[0], self.patch
-        K = max(1, round(K0 * f))
+        """[B, C, *size] -> [B, dim, *size / P], P the projection stride (patch, or patch / 2 on the
+        conv stem's half-resolution map), the kernel zoomed f times (per axis)."""
+        x = pad_to_multiple(x, self.projection_stride)
+        D, P, K0 = x.dim() - 2, self.projection_stride, tuple(self.stem.kernel_size)
+        f = per_axis(f, D)
+        K = tuple(max(1, round(k * z)) for k, z in zip(K0, f))
         if K == K0:
             return self.stem(x)
-        D = x.dim() - 2
-        lo = (K - P) // 2                   # centred on its cell, as the trained kernel
-        x = F.pad(x, [lo, K - P - lo] * D)
-        conv = getattr(F, f"conv{D}d")
-        # a fractional zoom (2.5 too, though K0 * 2.5 may be whole): the resampled kernel itself
-        if abs(f - round(f)) > 1e-6 or f < 2:
-            return conv(x, resize_kernel(self.stem.weight, K), self.stem.bias, stride=P)
-        f = round(f)
-        # integer zoom: the same numbers, as a box filter of f pixels and then the trained kernel
-        # dilated by f: cost linear in pixels (the zoomed kernel would cost f^D more per token)
-        box = getattr(F, f"avg_pool{D}d")
-        return conv(box(x, f, stride=1), self.stem.weight, self.stem.bias, stride=P, dilation=f)
+        lo = [(k - P) // 2 for k in K]      # centred on its cell, as the trained kernel
+        x = F.pad(x, [v for k, l in zip(reversed(K), reversed(lo)) for v in (l, k - P - l)])
+        # The zoomed kernel is the trained one area-resampled to K taps (sga.resize_kernel), but
+        # applied as such it would cost prod(f) times more per token (a 4000 x 6000 photo on a
+        # 256 px model: 125 x 188 taps). The same numbers: per axis, for every trained tap, the
+        # area-weighted sum of the pixels it covers at this zoom (area_taps), then the trained
+        # kernel as a 1x1 conv over those sums; linear in pixels at any zoom.
+        for d in range(D):
+            x = area_taps(x, 2 + d, K0[d], K[d], P)          # [B, C * K0_1 * .. * K0_d, ..., tokens on axis d, ...]
+        w = self.stem.weight * (math.prod(K0) / math.prod(K))   # resize_kernel's change in taps
+        return getattr(F, f"conv{D}d")(x, w.reshape(w.shape[0], -1, *[1] * D), self.stem.bias)
 
     def block_strides(self, size):
-        """Every block's grouping stride for a finest level of `size` pixels."""
+        """Every block's grouping stride for a finest level of `size` pixels; the first one
+        per axis (a tuple), zoomed."""
         strides = [sga.stride for sga in self.sgas]
-        strides[0] = max(1, round(strides[0] * self.zoom(size)))
+        strides[0] = tuple(max(1, round(strides[0] * z)) for z in self.zoom(size))
         return strides
+
+
+def area_taps(x, axis, K0, K, P):
+    """For each of K0 trained taps i along `axis`, sum_k A[k, i] x[.., t P + k, ..] over the K zoomed
+    taps k, A the area resampling of K0 taps to K (sga.resize_kernel's, unscaled): [B, C, .., L, ..]
+    -> [B, C * K0, .., n, ..], n = (L - K) // P + 1 tokens. A column of A is a few runs of equal
+    weights (K > K0: 1 inside, 1/2 where a zoomed tap straddles two trained ones), so each sum is
+    a few differences of the running sum c along the axis: at most 4 strided reads of c per tap
+    whatever the zoom. c in float64: it grows along the axis, its differences must not lose digits."""
+    A = F.interpolate(torch.eye(K0, dtype=torch.float64)[:, None], size=K, mode="area")[:, 0]   # [K0, K]
+    edges = F.pad(A, [1, 1])
+    coef = (edges[:, :-1] - edges[:, 1:]).tolist()          # [K0, K + 1]: sum_k A[k, i] x[k] = sum_j coef[i][j] c[j]
+    n = (x.shape[axis] - K) // P + 1
+    c = torch.cumsum(x, axis, dtype=torch.float64)                        # c[j - 1] = sum of x[:j]
+    first = [0, 0] * (x.dim() - 1 - axis) + [1, 0]
+
+    def at(j):  # sum of x[:t P + j] for every token t
+        if j == 0:  # t = 0 sums nothing
+            return F.pad(c[(slice(None),) * axis + (slice(P - 1, (n - 1) * P, P),)], first)
+        return c[(slice(None),) * axis + (slice(j - 1, j + (n - 1) * P, P),)]
+
+    out = x.new_empty(*x.shape[:2], K0, *[n if a == axis else s for a, s in enumerate(x.shape) if a >= 2])
+    for i, row in enumerate(coef):
+        terms = [(j, v) for j, v in enumerate(row) if v]
+        acc = at(terms[0][0]) * terms[0][1]
+        for j, v in terms[1:]:
+            acc.add_(at(j), alpha=v)
+        out[:, :, i] = acc
+    return out.flatten(1, 2)
 
 
 def init_weights(m):
@@ -212,30 +257,39 @@ def init_weights(m):
 
 
 class RATSeg(nn.Module):
-    """RAT with a "native" upsampling head: walk back from the last block to the
-    stem grid of the finest level, unpooling with each block's assignment
-    (fine_i = sum_j A_ij group_j) plus a skip from that stage, then a light head
-    to full resolution. Returns logits [B, num_classes, *size_0]."""
+    """RAT for segmentation: walk back from the last block to the stem grid of the finest
+    level, unpooling with each block's assignment (fine_i = sum_j A_ij group_j) plus a skip
+    from that stage, then a head to full resolution. Returns logits [B, num_classes, *size_0].
 
-    def __init__(self, num_classes=1, in_chans=3, head="refine", **rat):
+    Heads: `conv` (the default) is a U-Net's last two decoder stages on the conv stem's maps:
+    the tokens, upsampled to half resolution beside the stem's half-resolution map, a 3x3 conv;
+    upsampled again beside its full-resolution map, a 3x3 conv; a 1x1 conv to logits. On the
+    physical grid they zoom as the stem does (conv_gelu). `refine` and `linear` (checkpoints from
+    before the conv stem): each stem token predicts its P^D pixels (cells_to_pixels), which
+    `refine` corrects with two 16-channel 3x3 convs on the image and the coarse probability and
+    `linear` with one 3x3 conv on the image."""
+
+    def __init__(self, num_classes=1, in_chans=3, head="conv", stem="conv", **rat):
         super().__init__()
-        self.backbone = RAT(in_chans=in_chans, **rat)
+        self.backbone = RAT(in_chans=in_chans, stem=stem, **rat)
         dim, D, P = self.backbone.dim, self.backbone.spatial_dims, self.backbone.patch
+        if head == "conv" and self.backbone.conv_stem is None:
+            raise ValueError("--head conv decodes onto the conv stem's maps: it needs --stem conv")
         self.fuse = nn.ModuleList(nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.GELU(),
                                                 nn.Linear(dim, dim)) for _ in self.backbone.sgas)
-        # No layer runs at full resolution with many channels (that would dominate
-        # the cost at large sizes): each stem token predicts its P^D pixels
-        # (pixel shuffle). The `refine` head then corrects those coarse logits with two
-        # 16-channel 3x3 convs at full resolution that see the image and the coarse
-        # probability: boundaries snap to the edges of the native pixels, where a finer
-        # input has real extra detail (the old `linear` head: one 3x3 conv on the image).
         self.norm = nn.LayerNorm(dim)
         self.num_classes, self.head = num_classes, head
-        self.to_pixels = nn.Linear(dim, num_classes * P ** D)
         conv = getattr(nn, f"Conv{D}d")
+        if head == "conv":
+            w1, w2 = self.backbone.conv_stem.widths
+            self.to_half = nn.Linear(dim, w2)
+            self.up_half, self.up_full = conv(2 * w2, w2, 3), conv(w2 + w1, w1, 3)
+            self.pixels = conv(w1, num_classes, 1)
+        else:
+            self.to_pixels = nn.Linear(dim, num_classes * P ** D)
         if head == "linear":
             self.pixels = conv(in_chans, num_classes, 3, padding=1)
-        else:
+        elif head == "refine":
             self.pixels = nn.Sequential(conv(in_chans + num_classes, 16, 3, padding=1), nn.GELU(),
                                         conv(16, 16, 3, padding=1), nn.GELU(), conv(16, num_classes, 1))
             nn.init.zeros_(self.pixels[-1].weight)   # starts as the coarse prediction alone
@@ -243,22 +297,38 @@ class RATSeg(nn.Module):
         self.fuse.apply(init_weights)
 
     def forward(self, levels, spacings=None):
+        size, f = levels[0].shape[2:], self.backbone.zoom(levels[0].shape[2:])
+        if min(f) < 1:
+            # Coarser than training: there is no detail to keep, and a kernel cannot shrink below
+            # a pixel, so every level is upsampled to the training pitch and the logits come back
+            # down: the physical extent of every layer is exactly training's.
+            mode = ("linear", "bilinear", "trilinear")[len(size) - 1]
+            up = [F.interpolate(x, size=[max(n, round(n / z)) for n, z in zip(x.shape[2:], f)], mode=mode)
+                  for x in levels]
+            return F.interpolate(self(up), size=size, mode=mode)
         stages = self.backbone(levels, spacings)
         y = stages[-1][0][0]                                            # finest level, last block
         for b in reversed(range(len(self.backbone.sgas))):
             skip, grid, _, _ = stages[b][0]
-            stride = round(stages[b + 1][0][2][0] / stages[b][0][2][0])       # the one this input used
+            stride = tuple(round(a / c) for a, c in zip(stages[b + 1][0][2], stages[b][0][2]))  # the one this input used
             y = self.backbone.sgas[b].unpool(y, stages[b + 1][0][3], grid, stride)
             y = y + self.fuse[b](torch.cat([y, skip], dim=-1))         # [B, N_b, dim]
-        x = levels[0]
-        B, D, P, K = x.shape[0], len(grid), self.backbone.patch, self.num_classes
+        B, D, P, K = y.shape[0], len(grid), self.backbone.patch, self.num_classes
+        crop = (...,) + tuple(slice(0, n) for n in size)
+        if self.head == "conv":
+            full, half = stages[0][0][3]
+            y = self.to_half(self.norm(y)).transpose(1, 2).reshape(B, -1, *grid)     # [B, w2, *grid]
+            y = F.interpolate(y, size=half.shape[2:], mode="nearest")               # tokens are P / 2 apart
+            y = conv_gelu(self.up_half, torch.cat([y, half], dim=1), f)             # [B, w2, *padded / 2]
+            y = F.interpolate(y, size=full.shape[2:], mode="nearest")
+            y = conv_gelu(self.up_full, torch.cat([y, full], dim=1), f)             # [B, w1, *padded]
+            return self.pixels(y)[crop]                                              # [B, K, *size_0]
         y = self.to_pixels(self.norm(y)).reshape(B, *grid, K, *[P] * D)           # [B, *grid, K, *P]
-        y = cells_to_pixels(y.movedim(1 + D, 1), P, self.backbone.zoom(x.shape[2:]))   # [B, K, *grid*P]
-        y = y[(...,) + tuple(slice(0, n) for n in x.shape[2:])]
-        x = normalize(x)
+        y = cells_to_pixels(y.movedim(1 + D, 1), P, f)[crop]                      # [B, K, *size_0]
+        x = normalize(levels[0])
         if self.head == "linear":
             return y + self.pixels(x)
-        return y + self.pixels(torch.cat([x, y.sigmoid()], dim=1))                 # [B, K, *size_0]
+        return y + self.pixels(torch.cat([x, y.sigmoid()], dim=1))
 
 
 def cells_to_pixels(y, P, zoom):
@@ -268,35 +338,62 @@ def cells_to_pixels(y, P, zoom):
     is Q = round(P f) pixels, so each token lays its pattern out over the Q^D pixels around
     its cell (nearest-upsampled) and overlapping patterns are averaged: the pattern keeps
     its physical size instead of shrinking f times into the cell. f <= 1: the plain pixel
-    shuffle of training."""
+    shuffle of training. zoom: one number, or one per axis (Q_1 x .. x Q_D pixels)."""
     D = (y.dim() - 2) // 2
-    grid, Q = y.shape[2:2 + D], max(P, round(P * zoom))
-    total, count = overlap_add(y, P, Q), overlap_add(torch.ones_like(y[:1, :1]), P, Q)
-    lo = (Q - P) // 2                                         # the patch is centred on its cell
-    keep = (..., *[slice(lo, lo + g * P) for g in grid])
-    return total[keep] / count[keep]
+    grid = y.shape[2:2 + D]
+    Q = tuple(max(P, round(P * z)) for z in per_axis(zoom, D))
+    if Q == (P,) * D:                                         # no overlap: every pixel has one pattern
+        return pixel_shuffle(y)
+    total = overlap_add(y, P, Q)
+    lo = [(q - P) // 2 for q in Q]                            # the patch is centred on its cell
+    keep = (..., *[slice(l, l + g * P) for l, g in zip(lo, grid)])
+    # how many patterns cover a pixel: the product of the counts along each axis
+    count = 1
+    for d, (g, q, l) in enumerate(zip(grid, Q, lo)):
+        along = overlap_add_axis(y.new_ones(1, g, P), 1, 2, P, q).reshape(-1)[l:l + g * P]
+        count = count * along.reshape([-1 if e == d else 1 for e in range(D)])
+    return total[keep] / count
 
 
 def overlap_add(y, P, Q):
-    """Sum of every token's pattern nearest-upsampled to Q^D pixels, patches P pixels apart:
-    [B, K, *grid, *[P]*D] -> [B, K, *(grid + S - 1) * P], S = ceil(Q / P). Pixel r + P c
-    (sub-position r, cell c) gets the pixel at offset r + P s of the patch of token c - s:
-    one shifted token map per offset, then a pixel shuffle (no scatter into the output)."""
+    """Sum of every token's pattern nearest-upsampled to Q_1 x .. x Q_D pixels, patches P pixels
+    apart: [B, K, *grid, *[P]*D] -> [B, K, *(grid + S - 1) * P], S = ceil(Q / P) per axis.
+    Nearest upsampling and the shifted sums are both separable, so one axis at a time: about
+    sum(Q) shifted adds instead of prod(Q)."""
     D = (y.dim() - 2) // 2
-    B, K, grid, S = y.shape[0], y.shape[1], y.shape[2:2 + D], -(-Q // P)
+    Q = per_axis(Q, D)
+    for d in range(D):
+        y = overlap_add_axis(y, 2 + d, 2 + D + d, P, Q[d])    # pattern axis d -> sub-position, cells grow
+    return pixel_shuffle(y)
+
+
+def pixel_shuffle(y):
+    """[B, K, *grid, *P] -> [B, K, *grid * P]: sub-position p of cell c is pixel c P + p."""
+    D = (y.dim() - 2) // 2
+    perm = [0, 1] + [v for d in range(D) for v in (2 + d, 2 + D + d)]               # cell, then sub-position
+    return y.permute(perm).reshape(*y.shape[:2], *[g * p for g, p in zip(y.shape[2:2 + D], y.shape[2 + D:])])
+
+
+def overlap_add_axis(y, cell, pattern, P, Q):
+    """overlap_add along one axis: y [.., g at `cell`, .., P at `pattern`, ..] -> [.., g + S - 1, .., P, ..],
+    S = ceil(Q / P), the pattern axis becoming the sub-position. Sub-position r of cell c gets
+    pixel (r + P s) P // Q of the pattern of token c - s, for every s with r + P s < Q: one
+    shifted add per (r, s), no scatter. Sub-positions with the same terms share one sum (at a
+    zoom that is a multiple of P, all of them do)."""
+    g, S = y.shape[cell], -(-Q // P)
+    shape = list(y.shape)
+    shape[cell] += S - 1
+    del shape[pattern]
     subs, sums = [], {}
-    for r in itertools.product(range(P), repeat=D):
-        # (pattern pixel, shift) of each offset; sub-positions with the same list share one sum
-        # (at an integer zoom that is a multiple of P, all of them do)
-        terms = tuple((tuple((rd + P * sd) * P // Q for rd, sd in zip(r, s)), s)
-                      for s in itertools.product(*[range(-(-(Q - rd) // P)) for rd in r]))
+    for r in range(P):
+        terms = tuple(((r + P * s) * P // Q, s) for s in range(-(-(Q - r) // P)))
         if terms not in sums:
-            sums[terms] = sum(F.pad(y[(..., *pixel)], [v for sd in reversed(s) for v in (sd, S - 1 - sd)])
-                              for pixel, s in terms)                                        # [B, K, *grid + S - 1]
+            acc = y.new_zeros(shape)
+            for j, s in terms:
+                acc.narrow(cell, s, g).add_(y.select(pattern, j))
+            sums[terms] = acc
         subs.append(sums[terms])
-    z = torch.stack(subs, 2).reshape(B, K, *[P] * D, *[g + S - 1 for g in grid])
-    perm = [0, 1] + [v for d in range(D) for v in (2 + D + d, 2 + d)]               # cell, then sub-position
-    return z.permute(perm).reshape(B, K, *[(g + S - 1) * P for g in grid])
+    return torch.stack(subs, pattern)
 
 
 class RATBackbone(nn.Module):
@@ -307,9 +404,9 @@ class RATBackbone(nn.Module):
     normalizes its own input.
 
     On the physical grid (ref_size) the strides zoom with the input as RAT's first grouping
-    stride does, and set_detector_size zooms the anchors with them.
+    stride does, per axis, and set_detector_size zooms the anchors with them.
     The detector pads its batch to a multiple of 32 (and of every stride); the images themselves are
-    `image_size` square (min_size = max_size = image_size), so the pyramid and the
+    `image_size` (an int: square, or (h, w); set_detector_size), so the pyramid and the
     spacing come from that crop, not from the padding, and the feature maps are
     zero-padded back to the padded grid the detector's anchors expect."""
 
@@ -321,30 +418,31 @@ class RATBackbone(nn.Module):
         strides = self.block_strides(ref_size or 1)   # at the training size: no zoom
         # index of the last block at each distinct stride
         self.taps = [i for i in range(len(strides)) if i + 1 == len(strides) or strides[i + 1] != strides[i]]
-        self.strides = [strides[i] for i in self.taps]   # at the training size
+        self.strides = [strides[i][0] for i in self.taps]   # at the (square) training size
 
     def block_strides(self, size):
-        """Pixel stride of every block's tokens for a `size` px input (the physical grid
-        zooms the first grouping stride with the input, RAT.zoom)."""
-        strides, s = [], self.body.patch
-        for st in self.body.block_strides((size, size)):
-            s *= st
+        """Pixel strides (sy, sx) of every block's tokens for a `size` input, an int (square) or
+        (h, w) (the physical grid zooms the first grouping stride with the input, per axis, RAT.zoom)."""
+        strides, s = [], (self.body.patch,) * 2
+        for st in self.body.block_strides(per_axis(size, 2)):
+            s = tuple(a * b for a, b in zip(s, per_axis(st, 2)))
             strides.append(s)
         return strides
 
     def forward(self, x):
         padded = x.shape[2:]
         if self.image_size:
-            x = x[..., :self.image_size, :self.image_size]
+            h, w = per_axis(self.image_size, 2)
+            x = x[..., :h, :w]
         with backbone_autocast(x, self.amp_dtype):
             levels = [x] + [F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True, align_corners=False)
                             for s in self.scales[1:]]
             stages = self.body(levels)
-        out, strides = OrderedDict(), self.block_strides(x.shape[-1])
+        out, strides = OrderedDict(), self.block_strides(tuple(x.shape[2:]))
         for i in self.taps:
             t, grid, stride = *stages[i + 1][0][:2], strides[i]
             t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)             # [B, dim, *grid]
-            pad = [(-(-n // stride)) - g for n, g in zip(padded, grid)]
+            pad = [(-(-n // s)) - g for n, s, g in zip(padded, stride, grid)]
             out[str(i)] = F.pad(t, [0, pad[1], 0, pad[0]])                          # [B, dim, *padded/stride]
         return out
 
@@ -370,20 +468,23 @@ class ConvFPN(BackboneWithFPN):
 
 
 def set_detector_size(detector, size):
-    """Have the detector keep inputs of `size` px square: its transform resizes every image
-    to min_size, and RATBackbone reads the real image out of the padded batch."""
-    detector.transform.min_size, detector.transform.max_size = (size,), size
+    """Have the detector keep inputs of `size` px, an int (square) or (h, w): its transform
+    resizes every image to fit min_size and max_size (here the image's own sides), and
+    RATBackbone reads the real image out of the padded batch."""
+    h, w = per_axis(size, 2)
+    detector.transform.min_size, detector.transform.max_size = (min(h, w),), max(h, w)
     if isinstance(detector.backbone, RATBackbone):
         backbone = detector.backbone
-        backbone.image_size = size
-        # FCOS regresses box sides in units of the anchor size: on the physical grid the
-        # anchors grow with the zoom, so that a learned offset keeps its physical length.
-        f = backbone.body.zoom((size, size))
-        detector.anchor_generator = anchor_generator([s * f for s in backbone.strides])
+        backbone.image_size = (h, w)
+        # FCOS regresses box sides in units of the anchor's width and height: on the physical
+        # grid the anchors grow with the zoom of each axis, so that a learned offset keeps its
+        # physical length (a 4:3 image on a square-trained model: anchors 4:3 too).
+        fy, fx = backbone.body.zoom((h, w))
+        detector.anchor_generator = anchor_generator([(s * fy, s * fx) for s in backbone.strides])
         # The anchor generator infers each map's stride as padded size // map size: the
         # padding must be a multiple of every stride (a 1.5x zoom gives strides 12 and 24).
-        strides = backbone.block_strides(size)
-        detector.transform.size_divisible = math.lcm(32, *[strides[i] for i in backbone.taps])
+        strides = backbone.block_strides((h, w))
+        detector.transform.size_divisible = math.lcm(32, *[s for i in backbone.taps for s in strides[i]])
 
 
 def conv_block(conv, cin, cout):
@@ -422,7 +523,7 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def build_seg_model(model="rat", num_classes=1, ref_size=None, head="refine", **rat):
+def build_seg_model(model="rat", num_classes=1, ref_size=None, head="conv", **rat):
     """RATSeg, or a U-Net whose width makes its parameter count closest to the RAT's.
     ref_size: the training size, for RAT's physical token grid (RAT.zoom)."""
     net = RATSeg(num_classes, head=head, ref_size=ref_size, **rat)
@@ -475,7 +576,11 @@ def cnn_detector(width, num_classes, image_size, head_convs, dim):
 
 
 def anchor_generator(sizes):
-    return AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
+    """One anchor per feature map, sizes[i] px square or (height, width) px: torchvision's
+    anchors are a size and an aspect ratio height / width."""
+    hw = [per_axis(s, 2) for s in sizes]
+    return AnchorGenerator(tuple((h if h == w else math.sqrt(h * w),) for h, w in hw),
+                           tuple((h / w,) for h, w in hw))
 
 
 def fcos(backbone, strides, mean, std, num_classes, image_size, head_convs):

@@ -38,18 +38,24 @@ from rose import RoSE, positions, rotate, rotate_planes
 SGA_CHOICES = ("local", "dense", "none")
 
 
+def per_axis(v, D):
+    """A stride or a size, one number for every axis or one per axis -> a D-tuple. On the physical
+    grid an image whose aspect differs from training zooms differently per axis (model.RAT.zoom)."""
+    return tuple(v) if isinstance(v, (tuple, list, torch.Size)) else (v,) * D
+
+
 def out_grid(grid, stride):
-    return tuple(math.ceil(g / stride) for g in grid)
+    return tuple(math.ceil(g / s) for g, s in zip(grid, per_axis(stride, len(grid))))
 
 
 def from_blocks(x, grid, stride):
-    """Inverse of head_blocks with one head: [B, n_groups, S^D, C] -> [B, N, C] on `grid` (padding cropped)."""
+    """Inverse of head_blocks with one head: [B, n_groups, prod(S), C] -> [B, N, C] on `grid` (padding cropped)."""
     B, _, _, C = x.shape
-    D, S = len(grid), stride
+    D, S = len(grid), per_axis(stride, len(grid))
     go = out_grid(grid, S)
-    x = x.reshape(B, *go, *[S] * D, C)
+    x = x.reshape(B, *go, *S, C)
     perm = [0] + [v for d in range(D) for v in (1 + d, 1 + D + d)] + [2 * D + 1]
-    x = x.permute(perm).reshape(B, *[o * S for o in go], C)
+    x = x.permute(perm).reshape(B, *[o * s for o, s in zip(go, S)], C)
     x = x[(slice(None),) + tuple(slice(0, g) for g in grid)]
     return x.reshape(B, -1, C)
 
@@ -121,25 +127,25 @@ def scatter_neighbours(w, grid, radius):
 
 def head_blocks(t, grid, stride, heads):
     """[B, N, heads * d] on `grid` (may be a strided view) -> a view [B, heads,
-    *out_grid, S, .., S, d] of the zero-padded tokens, blocked by home group: one
+    *out_grid, S_1, .., S_D, d] of the zero-padded tokens, blocked by home group: one
     copy (by whoever consumes the view) instead of pad, transpose and permute."""
     B, _, C = t.shape
-    D, S = len(grid), stride
+    D, S = len(grid), per_axis(stride, len(grid))
     go = out_grid(grid, S)
     t = t.reshape(B, *grid, C)
-    if any(o * S != g for g, o in zip(grid, go)):
-        t = F.pad(t, [0, 0] + [p for g, o in zip(reversed(grid), reversed(go)) for p in (0, o * S - g)])
-    t = t.reshape(B, *[v for o in go for v in (o, S)], heads, C // heads)   # [B, o1, S, o2, S, .., h, d]
+    if any(o * s != g for g, o, s in zip(grid, go, S)):
+        t = F.pad(t, [0, 0] + [p for g, o, s in zip(reversed(grid), reversed(go), reversed(S)) for p in (0, o * s - g)])
+    t = t.reshape(B, *[v for o, s in zip(go, S) for v in (o, s)], heads, C // heads)   # [B, o1, S1, o2, S2, .., h, d]
     return t.permute([0, 2 * D + 1] + [1 + 2 * d for d in range(D)] + [2 + 2 * d for d in range(D)] + [2 * D + 2])
 
 
 def _local_masks(grid, stride, radius, device):
-    """invalid [M, K, 1]: candidate outside the group grid; real [*go, S, .., S, 1]
+    """invalid [M, K, 1]: candidate outside the group grid; real [*go, S_1, .., S_D, 1]
     (1 for tokens, 0 for padding) or None when the stride divides the grid."""
     go = out_grid(grid, stride)
     invalid = gather_neighbours(torch.ones(1, math.prod(go), 1, device=device), go, radius)[0] == 0
     real = None
-    if any(o * stride != g for g, o in zip(grid, go)):
+    if any(o * s != g for g, o, s in zip(grid, go, per_axis(stride, len(grid)))):
         ones = torch.ones(1, math.prod(grid), 1, device=device)
         real = head_blocks(ones, grid, stride, 1)[0, 0].contiguous()
     return invalid, real
@@ -152,13 +158,13 @@ def _cached_local_masks(grid, stride, radius, device):
 
 
 def resize_kernel(w, size):
-    """Conv weight [C_out, C_in, *S0] -> [C_out, C_in, *size] with the same response to a
-    smooth input: area resampling, rescaled by the change in taps. For an integer factor up
-    it is exactly "average-pool the input by that factor, then apply w"; down, exactly
-    "repeat each input token, then apply w"."""
-    S0, D = w.shape[2:], w.dim() - 2
-    taps = math.prod(S0) / size ** D
-    return F.interpolate(w, size=(size,) * D, mode="area") * taps
+    """Conv weight [C_out, C_in, *S0] -> [C_out, C_in, *size] (size: one number, or one per axis)
+    with the same response to a smooth input: area resampling, rescaled by the change in taps.
+    For an integer factor up it is exactly "average-pool the input by that factor, then apply w";
+    down, exactly "repeat each input token, then apply w"; per axis likewise."""
+    S0, size = w.shape[2:], per_axis(size, w.dim() - 2)
+    taps = math.prod(S0) / math.prod(size)
+    return F.interpolate(w, size=size, mode="area") * taps
 
 
 class MLP(nn.Sequential):
@@ -190,12 +196,14 @@ class SGA(nn.Module):
         """x: [B, N, C] on `grid` with `spacing` -> (groups [B, M, C], grid_out,
         spacing_out, A). A is the soft assignment averaged over heads:
         local [B, M, S^D, K], dense [B, N, M], none None. stride: another than the
-        one the module was built with (the init kernel is resized to it)."""
+        one the module was built with (the init kernel is resized to it), one number or one
+        per axis (S^D above is then S_1 * .. * S_D)."""
         B, N, C = x.shape
-        S, D = stride or self.stride, len(grid)
-        go, so = out_grid(grid, S), tuple(s * S for s in spacing)
+        D = len(grid)
+        S = per_axis(stride or self.stride, D)
+        go, so = out_grid(grid, S), tuple(sp * s for sp, s in zip(spacing, S))
         # the strided conv (kernel = stride) as a linear map of each home block: no transpose to [B, C, *grid]
-        w = self.init.weight if S == self.stride else resize_kernel(self.init.weight, S)
+        w = self.init.weight if S == tuple(self.init.kernel_size) else resize_kernel(self.init.weight, S)
         w = w.permute(0, *range(2, 2 + D), 1).reshape(C, -1)                    # [C, S^D * C], as the blocks
         groups = F.linear(head_blocks(x, grid, S, 1).reshape(B, math.prod(go), -1), w, self.init.bias)  # [B, M, C]
         if self.mode == "none":
@@ -231,13 +239,13 @@ class SGA(nn.Module):
         contiguous floats, not P = 4: faster products); the one copy into the
         block layout puts every head's channels back in order."""
         B, N, C = x.shape
-        M = groups.shape[1]
-        h, d, D, r = self.heads, C // self.heads, len(grid), self.radius
+        M, n = groups.shape[1], math.prod(S)                                    # n: tokens per home block
+        h, d, r = self.heads, C // self.heads, self.radius
         masks = _local_masks if torch.compiler.is_compiling() else _cached_local_masks   # compile: traced once
         invalid, real = masks(tuple(grid), S, r, x.device)
         if self.rose is None:
             k, v = self.to_kv(self.norm_x(x)).chunk(2, dim=-1)
-            kb = head_blocks(k, grid, S, h).reshape(B * h, M, S ** D, d)
+            kb = head_blocks(k, grid, S, h).reshape(B * h, M, n, d)
         else:
             order = self.kv_order
             kv = F.linear(self.norm_x(x), self.to_kv.weight[order], self.to_kv.bias[order])
@@ -246,11 +254,13 @@ class SGA(nn.Module):
             cs = self.rose(positions(grid, spacing, self.pe).to(x.device))          # [h, N, P] each
             cos, sin = (t.transpose(0, 1).reshape(N, hP) for t in cs)                # [N, h * P]
             kb = torch.cat([head_blocks(t, grid, S, h) for t in (*rotate_planes(x1, x2, cos, sin), rest)], dim=-1)
-            kb = kb.reshape(B * h, M, S ** D, d)
+            kb = kb.reshape(B * h, M, n, d)
+            del x1, x2, rest, cs, cos, sin, kv   # at a large zoom each is a multiple of the input: free them now
             cs_groups = self.rose(positions(go, so, self.pe).to(x.device))
         one = (torch.ones(1, device=x.device) if real is None else real).to(v.dtype)
         v = head_blocks(v, grid, S, h)                                           # view [B, h, *go, S.., d]
-        vb = torch.cat([v, one.expand(*v.shape[:-1], 1)], dim=-1).reshape(B * h, M, S ** D, d + 1)
+        vb = torch.cat([v, one.expand(*v.shape[:-1], 1)], dim=-1).reshape(B * h, M, n, d + 1)
+        del v                                    # the last view of the projected tokens
         for _ in range(self.iters):
             q = self.to_q(self.norm_g(groups)).view(B, M, h, d).transpose(1, 2)   # [B, h, M, d]
             if self.rose is not None:
@@ -263,15 +273,15 @@ class SGA(nn.Module):
             upd = s[..., :d] / (s[..., d:] + self.eps)
             groups = groups + self.out(upd.view(B, h, M, d).transpose(1, 2).reshape(B, M, C))
             groups = groups + self.mlp(self.norm_mlp(groups))
-        A = A.view(B, h, M, -1, S ** D).mean(dim=1).transpose(-1, -2)           # [B, M, S^D, K]
+        A = A.view(B, h, M, -1, n).mean(dim=1).transpose(-1, -2)           # [B, M, S^D, K]
         if real is not None:
-            A = A * real.reshape(1, M, S ** D, 1)
+            A = A * real.reshape(1, M, n, 1)
         return groups, go, so, A
 
     def unpool(self, groups, A, grid_in, stride=None):
         """Inverse direction for the decoder: fine_i = sum_j A_ij group_j.
         groups: [B, M, C] on out_grid(grid_in, stride) -> [B, N, C] on grid_in."""
-        S = stride or self.stride
+        S = per_axis(stride or self.stride, len(grid_in))
         go = out_grid(grid_in, S)
         if self.mode == "dense":
             return A @ groups
@@ -280,5 +290,5 @@ class SGA(nn.Module):
             return from_blocks(A @ nb, grid_in, S)                                  # A: [B, M, S^D, K]
         # none: every token takes its home group
         B, M, C = groups.shape
-        rep = groups[:, :, None, :].expand(B, M, S ** len(grid_in), C)
+        rep = groups[:, :, None, :].expand(B, M, math.prod(S), C)
         return from_blocks(rep, grid_in, S)

@@ -66,22 +66,23 @@ def get_args_parser():
     p.add_argument("--train-sizes", default=None,
                    help="multi-resolution training: comma-separated image sizes, one drawn per step (the same on "
                         "every rank), e.g. 32,48,64,96,128; validation stays at --image-size")
-    p.add_argument("--scales", default="1,0.5", help="image pyramid as relative factors, finest first")
+    p.add_argument("--scales", default=None,
+                   help="image pyramid as relative factors, finest first (default 1 for seg, 1,0.5 for det)")
     p.add_argument("--pe", default="rose", choices=PE_CHOICES)
     p.add_argument("--sga", default="local", choices=SGA_CHOICES)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--patch", type=int, default=None, help="stem stride (default 2 for seg, 4 for det)")
+    p.add_argument("--patch", type=int, default=4, help="stem stride: pixels per token")
     p.add_argument("--strides", default=None,
-                   help="SGA stride per block, e.g. 4,2,2,1 (default 4,2,2,1,1.. for seg, 2,2,1,1.. for det)")
-    p.add_argument("--head", default="refine", choices=["refine", "linear"],
-                   help="seg RAT's pixel head: refine (default), two 3x3 convs at full resolution on the image "
-                        "and the coarse prediction; linear, one 3x3 conv on the image (the head before refine)")
-    p.add_argument("--stem", default="patch", choices=["patch", "conv"],
-                   help="RAT: patch (default), the patch projection alone; conv, two 32-channel 3x3 convs at full "
-                        "resolution first (dilated with the zoom on the physical grid): more accurate at the training "
-                        "size, but slower and behind the resize baseline above it (RESULTS.md)")
+                   help="SGA stride per block, e.g. 2,2,2,1 (default 2,2,2,1,1.. for seg, 2,2,1,1.. for det)")
+    p.add_argument("--head", default="conv", choices=["conv", "refine", "linear"],
+                   help="seg RAT's head to full resolution: conv (default), a U-Net's last two decoder stages on "
+                        "the conv stem's maps; refine and linear, the heads of checkpoints from before the conv stem "
+                        "(each token predicts its pixels, then two 3x3 convs or one correct them)")
+    p.add_argument("--stem", default=None, choices=["patch", "conv"],
+                   help="RAT: conv (default for seg), 3x3 convs at full and half resolution before the patch "
+                        "projection (ConvStem, in model.py); patch (default for det), the patch projection alone")
     p.add_argument("--token-grid", default="physical", choices=["physical", "pixel"],
                    help="RAT: physical (default) zooms the stem kernel and the first grouping stride with the "
                         "input's resolution relative to --image-size, so deep tokens keep their physical spacing at "
@@ -128,9 +129,16 @@ def fill_defaults(args):
             if value is not None and not accepts(value):
                 raise ValueError(f"--{flag.replace('_', '-')} must be {accepted}, got {value}")
     args.image_size = args.image_size or (64 if seg else 128)
-    args.patch = args.patch or (2 if seg else 4)
-    if args.strides is None and not seg:  # keep stride-8 features for small objects
-        args.strides = ([2, 2] + [1] * args.depth)[:args.depth]
+    if args.scales is None:
+        args.scales = "1" if seg else "1,0.5"
+    args.stem = args.stem or ("conv" if seg else "patch")
+    if args.strides is None:  # seg: tokens at 4, 8, 16, 32 px; det: keep stride-8 features for small objects
+        args.strides = ([2, 2, 2] if seg else [2, 2]) + [1] * args.depth
+        args.strides = args.strides[:args.depth]
+    if args.stem == "conv" and args.patch % 2:
+        raise ValueError(f"--patch {args.patch}: the conv stem halves the resolution first, so --patch must be even")
+    if seg and args.model == "rat" and args.head == "conv" and args.stem != "conv":
+        raise ValueError("--head conv decodes onto the conv stem's maps: it needs --stem conv (or --head refine)")
     args.epochs = args.epochs or (8 if seg else 12)
     args.out = args.out or os.path.join("runs", args.task)
     if args.model in (("cnn", "resnet") if seg else ("unet",)):
@@ -534,6 +542,7 @@ def main(args):
     if local_rank == 0:
         all_sum(0, device)
     args.num_classes = getattr(train_set, "num_classes", 1)
+    args.class_names = list(getattr(train_set, "class_names", []))   # predict.py names its detections
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw_model = build_model(vars(args)).to(device)
     if args.task == "det" and device.type == "cuda":

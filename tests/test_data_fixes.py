@@ -63,7 +63,7 @@ def test_isic_training_copies_are_cached_at_the_largest_train_size(tmp_path):
     write_isic(tmp_path, "Training", 3, sizes=((96, 80),))
     write_isic(tmp_path, "Validation", 2, first=100)
     args = train.fill_defaults(train.get_args_parser().parse_args(
-        ["--data", "isic", "--data-dir", str(tmp_path), "--image-size", "32", "--train-sizes", "32,64"]))
+        ["--data", "isic", "--data-dir", str(tmp_path), "--image-size", "32", "--train-sizes", "32,64", "--scales", "1,0.5"]))
     train_set, val = train.build_datasets(args)
     cache = tmp_path / ".cache"
     assert sorted(os.listdir(cache)) == ["32x32", "64x64"]

@@ -17,7 +17,7 @@ from data import SegDataset, seg_collate
 
 TINY = ["--epochs", "1", "--train-size", "16", "--val-size", "8", "--batch-size", "8", "--depth", "2",
         "--heads", "2", "--workers", "0"]
-SEG_TRAIN, DET_TRAIN = ["--task", "seg", "--image-size", "32", "--dim", "16"], \
+SEG_TRAIN, DET_TRAIN = ["--task", "seg", "--image-size", "32", "--dim", "16", "--scales", "1,0.5"], \
     ["--task", "det", "--image-size", "64", "--dim", "32"]  # FCOS's head needs dim % 32 == 0
 
 
