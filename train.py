@@ -133,8 +133,7 @@ def fill_defaults(args):
         args.scales = "1" if seg else "1,0.5"
     args.stem = args.stem or ("conv" if seg else "patch")
     if args.strides is None:  # seg: tokens at 4, 8, 16, 32 px; det: keep stride-8 features for small objects
-        args.strides = ([2, 2, 2] if seg else [2, 2]) + [1] * args.depth
-        args.strides = args.strides[:args.depth]
+        args.strides = (([2, 2, 2] if seg else [2, 2]) + [1] * args.depth)[:args.depth]
     if args.stem == "conv" and args.patch % 2:
         raise ValueError(f"--patch {args.patch}: the conv stem halves the resolution first, so --patch must be even")
     if seg and args.model == "rat" and args.head == "conv" and args.stem != "conv":
