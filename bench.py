@@ -1,4 +1,4 @@
-"""Benchmarks: scaling, baselines, utilization, data, distributed, threads, compile, predict.
+"""Benchmarks: scaling, baselines, detection, utilization, data, distributed, threads, compile, predict.
 
     python bench.py                          # every section, markdown to stdout
     python bench.py --write                  # ... and into BENCHMARKS.md (its other sections are kept)
@@ -37,7 +37,7 @@ import metrics
 from data import atomic_open
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("scaling", "baseline", "util", "data", "dist", "threads", "compile", "predict")
+SECTIONS = ("scaling", "baseline", "det", "util", "data", "dist", "threads", "compile", "predict")
 RAT = dict(dim=128, depth=4, heads=8)                 # the model under test: default patch and strides
 SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLOP_OPS = ("mm", "addmm", "bmm", "convolution", "convolution_backward", "_scaled_dot_product")
@@ -61,6 +61,25 @@ def seg(kind="rat", **kw):
     from model import build_seg_model
     torch.manual_seed(0)
     return build_seg_model(kind, **{**RAT, **kw}).to(device())
+
+
+def detector(kind, size):
+    """The detector `python train.py --task det --model <kind> --image-size <size>` trains."""
+    import train
+    from model import build_model
+    args = train.fill_defaults(train.get_args_parser().parse_args(
+        ["--task", "det", "--model", kind, "--image-size", str(size)]))
+    args.num_classes = 3
+    torch.manual_seed(0)
+    return build_model(vars(args)).to(device()).train()
+
+
+def det_step(model, n, batch=2):
+    images = [torch.rand(3, n, n, device=device()) for _ in range(batch)]
+    boxes = torch.tensor([[0.1, 0.2, 0.4, 0.6], [0.5, 0.5, 0.9, 0.8], [0.3, 0.05, 0.36, 0.12]], device=device()) * n
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3], device=device())}] * batch
+    sum(model(images, targets).values()).backward()
+    model.zero_grad(set_to_none=True)
 
 
 def train_step(model, x, opt=None):
@@ -281,6 +300,23 @@ def sec_baseline(a):
     md += ("\n\nOne pyramid level against three (scales 1, 0.5, 0.25, F.interpolate antialias), training step:\n\n"
            + table(["size", "1 level ms", "3 levels ms", "ratio"], rows))
     return md, {"unet": out}
+
+
+def sec_det(a):
+    from model import num_params
+    rows, out = [], {}
+    for n in ([64] if a.quick else [128, 512]):
+        log(f"detector {n}")
+        rat, cnn = detector("rat", n), detector("cnn", n)
+        t = timed({"rat": lambda: det_step(rat, n), "cnn": lambda: det_step(cnn, n)}, a.reps)
+        out[f"det{n}"] = t["rat"] / t["cnn"]
+        rows.append([n, f"{num_params(rat) / 1e6:.2f}M / {num_params(cnn) / 1e6:.2f}M",
+                     f"{t['rat'] * 1e3:.0f}", f"{t['cnn'] * 1e3:.0f}", f"{out[f'det{n}']:.2f}"])
+    md = ("Detection: the FCOS training step (forward, backward; 2 images of 3 boxes) of `train.py --task "
+          "det` at its defaults for that image size, RAT against the small CNN + FPN sized to its parameter "
+          "count (`--model cnn`):\n\n"
+          + table(["size", "params RAT / CNN", "RAT ms", "CNN ms", "RAT / CNN"], rows))
+    return md, out
 
 
 # ------------------------------------------------------------------------ utilization

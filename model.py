@@ -80,16 +80,20 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def conv_gelu(conv, x, zoom, stride=1):
-    """`conv` (3x3, no padding of its own), then LayerNorm over each pixel's channels and GELU.
-    On the physical grid, at f times the training resolution, the kernel is dilated by round(f)
-    per axis, so that it spans the physical extent it learned: exact for integer f (the dilated
-    conv of an image upsampled f times is the upsampled conv; a stride-2 one keeps the training
-    outputs at every f-th position). The norm has no spatial statistics, so it stays exact where
-    GroupNorm would see the f times denser grid of a stride-2 layer."""
+def conv_gelu(conv, x, zoom, stride=1, groups=None):
+    """`conv` (3x3, no padding of its own), then a norm and GELU: LayerNorm over each pixel's
+    channels, or GroupNorm with `groups` groups. On the physical grid, at f times the training
+    resolution, the kernel is dilated by round(f) per axis, so that it spans the physical extent
+    it learned: exact for integer f (the dilated conv of an image upsampled f times is the
+    upsampled conv; a stride-2 one keeps the training outputs at every f-th position). The
+    LayerNorm has no spatial statistics, so it stays exact after a stride-2 layer, where GroupNorm
+    would see the f times denser grid; GroupNorm is exact on layers of stride 1 from the image
+    on (an upsampled map has the statistics of the map)."""
     D = x.dim() - 2
     d = tuple(max(1, round(z)) for z in per_axis(zoom, D))
     x = getattr(F, f"conv{D}d")(x, conv.weight, conv.bias, stride=stride, padding=d, dilation=d)
+    if groups:
+        return F.gelu(F.group_norm(x, groups))
     return F.gelu(F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1))
 
 
@@ -110,6 +114,23 @@ class ConvStem(nn.Module):
         return full, conv_gelu(self.at_half, conv_gelu(self.down, full, zoom, stride=2), zoom)   # [B, w2, *size / 2]
 
 
+class FullResStem(nn.Module):
+    """Detection's early convolutions (`--stem full`): two 3x3 convs at full resolution, each with
+    GroupNorm (8 groups) and GELU, then the patch projection (stride patch). On the detection
+    data they gave FCOS far more than ConvStem (RESULTS.md, closing the gap to the CNN): with no
+    stride they can use GroupNorm, whose per-image statistics ConvStem's stride-2 layer rules out."""
+
+    def __init__(self, in_chans, width, spatial_dims):
+        super().__init__()
+        conv = getattr(nn, f"Conv{spatial_dims}d")
+        self.widths = (width, width)
+        self.first, self.second = conv(in_chans, width, 3), conv(width, width, 3)
+
+    def forward(self, x, zoom):
+        first = conv_gelu(self.first, x, zoom, groups=8)                                  # [B, width, *size]
+        return first, conv_gelu(self.second, first, zoom, groups=8)
+
+
 class RAT(nn.Module):
     def __init__(self, in_chans=3, dim=64, depth=4, heads=4, spatial_dims=2, patch=4, strides=None,
                  pe="rose", sga="local", mlp_ratio=4, dropout=0.0, rotary_ratio=0.5, sga_iters=3, radius=1,
@@ -119,13 +140,15 @@ class RAT(nn.Module):
         self.dim, self.patch, self.pe, self.spatial_dims = dim, patch, pe, spatial_dims
         self.ref_size = ref_size  # see zoom()
         # stem "conv": ConvStem (16 channels at full resolution, 32 at half), then the patch
-        # projection on the half-resolution map; "patch": the patch projection on the image alone
-        self.conv_stem = ConvStem(in_chans, (16, 32), spatial_dims) if stem == "conv" else None
+        # projection on the half-resolution map; "full": FullResStem (32 channels), then the patch
+        # projection; "patch": the patch projection on the image alone
+        self.conv_stem = (ConvStem(in_chans, (16, 32), spatial_dims) if stem == "conv" else
+                          FullResStem(in_chans, 32, spatial_dims) if stem == "full" else None)
         stem_in = self.conv_stem.widths[1] if self.conv_stem else in_chans
         # Overlapping patches, centered on their cell: kernel P + 2 * (P // 2), so
         # that token j sits at (j + 0.5) * P pixels of the map it reads, as the coordinates say.
         conv = getattr(nn, f"Conv{spatial_dims}d")
-        P = self.projection_stride = patch // 2 if self.conv_stem else patch
+        P = self.projection_stride = patch // 2 if stem == "conv" else patch
         self.stem = conv(stem_in, dim, P + 2 * (P // 2), stride=P, padding=P // 2)
         self.stem_norm = nn.LayerNorm(dim)
         self.sgas = nn.ModuleList(SGA(dim, heads, s, spatial_dims, sga, radius, sga_iters, pe, rotary_ratio,
@@ -153,7 +176,7 @@ class RAT(nn.Module):
             x, maps = normalize(x), None
             if self.conv_stem is not None:
                 maps = self.conv_stem(pad_to_multiple(x, self.patch), f)
-                x = maps[1]                                             # [B, w2, *padded size_l / 2]
+                x = maps[1]                                             # [B, w2, *padded size_l / 2] (full: / 1)
             t = self.stem_tokens(x, f)                                  # [B, dim, *grid]
             grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
             t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
@@ -273,7 +296,7 @@ class RATSeg(nn.Module):
         super().__init__()
         self.backbone = RAT(in_chans=in_chans, stem=stem, **rat)
         dim, D, P = self.backbone.dim, self.backbone.spatial_dims, self.backbone.patch
-        if head == "conv" and self.backbone.conv_stem is None:
+        if head == "conv" and stem != "conv":
             raise ValueError("--head conv decodes onto the conv stem's maps: it needs --stem conv")
         self.fuse = nn.ModuleList(nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.GELU(),
                                                 nn.Linear(dim, dim)) for _ in self.backbone.sgas)
@@ -397,15 +420,19 @@ def overlap_add_axis(y, cell, pattern, P, Q):
 
 
 class RATBackbone(nn.Module):
-    """Multi-stride feature maps of RAT's finest level for torchvision detectors:
-    an OrderedDict of [B, dim, H/s, W/s] at increasing strides s (the last block at
-    each stride). The pyramid is built here from `scales`, so the detector passes
-    one image tensor. Set the detector's image_mean 0 and image_std 1: RAT
-    normalizes its own input.
+    """A feature pyramid on RAT's finest level for torchvision detectors: an OrderedDict of
+    [B, dim, H/s, W/s] at increasing strides s, for the default flags 4, 8, 16, 32 and 64 px, the
+    strides of the conv baselines' FPN: the stem tokens (at half the first block's stride), the
+    last block at each distinct stride (8 and 16), and up to two max-pools over 2x2 of the last map
+    for large objects. No FPN between them: every block already attends across the whole image
+    and every pyramid level, and a top-down FPN cost AP50 in a probe (RESULTS.md). The
+    image pyramid is built here from `scales`, so the detector passes one image tensor. Set the
+    detector's image_mean 0 and image_std 1: RAT normalizes its own input.
 
     On the physical grid (ref_size) the strides zoom with the input as RAT's first grouping
-    stride does, per axis, and set_detector_size zooms the anchors with them.
-    The detector pads its batch to a multiple of 32 (and of every stride); the images themselves are
+    stride does, per axis; the stem tokens, one per `patch` pixels at any zoom, are averaged
+    (area) onto the fine level's grid, and set_detector_size zooms the anchors with the strides.
+    The detector pads its batch to a multiple of every stride; the images themselves are
     `image_size` (an int: square, or (h, w); set_detector_size), so the pyramid and the
     spacing come from that crop, not from the padding, and the feature maps are
     zero-padded back to the padded grid the detector's anchors expect."""
@@ -415,19 +442,29 @@ class RATBackbone(nn.Module):
         self.body = RAT(ref_size=ref_size, **rat)
         self.scales, self.image_size, self.out_channels = tuple(scales), image_size, self.body.dim
         self.amp_dtype = None  # e.g. torch.bfloat16: the backbone alone runs under autocast
-        strides = self.block_strides(ref_size or 1)   # at the training size: no zoom
+        strides = [s for s, _ in self.block_strides(ref_size or 1)][1:]   # the blocks', at the training size
         # index of the last block at each distinct stride
         self.taps = [i for i in range(len(strides)) if i + 1 == len(strides) or strides[i + 1] != strides[i]]
-        self.strides = [strides[i][0] for i in self.taps]   # at the (square) training size
+        # the pooled levels (2x and 4x the last map's stride) that leave at least 2 x 2 cells at the
+        # training size: FCOS's GroupNorm has no statistics on a single cell
+        top, side = strides[-1], min(per_axis(ref_size or image_size or 2 ** 30, 2))
+        self.pools = [k for k in (2, 4) if side >= 2 * k * top]
+        self.strides = [s[0] for s in self.level_strides(ref_size or 1)]   # at the (square) training size
 
     def block_strides(self, size):
-        """Pixel strides (sy, sx) of every block's tokens for a `size` input, an int (square) or
-        (h, w) (the physical grid zooms the first grouping stride with the input, per axis, RAT.zoom)."""
-        strides, s = [], (self.body.patch,) * 2
+        """Pixel strides (sy, sx) of the stem tokens, then of every block's tokens, for a `size` input,
+        an int (square) or (h, w) (the physical grid zooms the first grouping stride with the
+        input, per axis, RAT.zoom)."""
+        strides = [(self.body.patch,) * 2]
         for st in self.body.block_strides(per_axis(size, 2)):
-            s = tuple(a * b for a, b in zip(s, per_axis(st, 2)))
-            strides.append(s)
+            strides.append(tuple(a * b for a, b in zip(strides[-1], per_axis(st, 2))))
         return strides
+
+    def level_strides(self, size):
+        """Pixel strides (sy, sx) of the maps forward returns, finest first."""
+        blocks = self.block_strides(size)
+        taps = [blocks[i + 1] for i in self.taps]
+        return [tuple(s // 2 for s in taps[0])] + taps + [tuple(s * k for s in taps[-1]) for k in self.pools]
 
     def forward(self, x):
         padded = x.shape[2:]
@@ -438,12 +475,25 @@ class RATBackbone(nn.Module):
             levels = [x] + [F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True, align_corners=False)
                             for s in self.scales[1:]]
             stages = self.body(levels)
-        out, strides = OrderedDict(), self.block_strides(tuple(x.shape[2:]))
-        for i in self.taps:
-            t, grid, stride = *stages[i + 1][0][:2], strides[i]
-            t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)             # [B, dim, *grid]
-            pad = [(-(-n // s)) - g for n, s, g in zip(padded, stride, grid)]
-            out[str(i)] = F.pad(t, [0, pad[1], 0, pad[0]])                          # [B, dim, *padded/stride]
+        strides = self.level_strides(tuple(x.shape[2:]))
+
+        def to_map(t, grid, stride):    # tokens [B, N, dim] -> [B, dim, *padded / stride]
+            t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)
+            return F.pad(t, [0, -(-padded[1] // stride[1]) - grid[1], 0, -(-padded[0] // stride[0]) - grid[0]])
+
+        maps = [to_map(*stages[i + 1][0][:2], s) for i, s in zip(self.taps, strides[1:])]
+        # the stem tokens averaged onto twice the first map's grid: per axis, the first grouping
+        # stride of them per first-map token, padded as SGA pads them
+        t, grid = stages[0][0][:2]
+        first, S = stages[self.taps[0] + 1][0][1], per_axis(self.body.block_strides(tuple(x.shape[2:]))[0], 2)
+        t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)                  # [B, dim, *stem grid]
+        t = F.pad(t, [0, S[1] * first[1] - grid[1], 0, S[0] * first[0] - grid[0]])
+        t = F.interpolate(t, size=[2 * n for n in first], mode="area")
+        fine = F.pad(t, [0, 2 * maps[0].shape[3] - t.shape[3], 0, 2 * maps[0].shape[2] - t.shape[2]])
+        out = OrderedDict((str(i), m) for i, m in enumerate([fine] + maps))
+        top = out[next(reversed(out))]
+        for k in self.pools:
+            top = out[f"pool{k}"] = F.max_pool2d(top, 2, ceil_mode=True)
         return out
 
 
@@ -470,11 +520,17 @@ class ConvFPN(BackboneWithFPN):
 def set_detector_size(detector, size):
     """Have the detector keep inputs of `size` px, an int (square) or (h, w): its transform
     resizes every image to fit min_size and max_size (here the image's own sides), and
-    RATBackbone reads the real image out of the padded batch."""
+    RATBackbone reads the real image out of the padded batch. On RAT's physical grid an image
+    coarser than training on an axis is upsampled (aspect kept) until no axis is, as RATSeg does:
+    a kernel cannot shrink below a pixel. The transform maps the boxes back to the image."""
     h, w = per_axis(size, 2)
-    detector.transform.min_size, detector.transform.max_size = (min(h, w),), max(h, w)
-    if isinstance(detector.backbone, RATBackbone):
-        backbone = detector.backbone
+    transform, backbone = detector.transform, detector.backbone
+    transform.min_size, transform.max_size, transform.fixed_size = (min(h, w),), max(h, w), None
+    if isinstance(backbone, RATBackbone):
+        up = max(1.0, *(1 / z for z in backbone.body.zoom((h, w))))
+        if up > 1:
+            h, w = round(h * up), round(w * up)
+            transform.fixed_size = (w, h)
         backbone.image_size = (h, w)
         # FCOS regresses box sides in units of the anchor's width and height: on the physical
         # grid the anchors grow with the zoom of each axis, so that a learned offset keeps its
@@ -482,9 +538,8 @@ def set_detector_size(detector, size):
         fy, fx = backbone.body.zoom((h, w))
         detector.anchor_generator = anchor_generator([(s * fy, s * fx) for s in backbone.strides])
         # The anchor generator infers each map's stride as padded size // map size: the
-        # padding must be a multiple of every stride (a 1.5x zoom gives strides 12 and 24).
-        strides = backbone.block_strides((h, w))
-        detector.transform.size_divisible = math.lcm(32, *[s for i in backbone.taps for s in strides[i]])
+        # padding must be a multiple of every stride (a 1.5x zoom gives strides 6 to 96).
+        transform.size_divisible = math.lcm(*[s for st in backbone.level_strides((h, w)) for s in st])
 
 
 def conv_block(conv, cin, cout):
@@ -587,7 +642,7 @@ def fcos(backbone, strides, mean, std, num_classes, image_size, head_convs):
     anchors = anchor_generator(strides)
     head = FCOSHead(backbone.out_channels, 1, num_classes + 1, num_convs=head_convs)
     return FCOS(backbone, num_classes + 1, min_size=image_size, max_size=image_size, image_mean=mean,
-                image_std=std, anchor_generator=anchors, head=head)
+                image_std=std, anchor_generator=anchors, head=head, size_divisible=math.lcm(*strides))
 
 
 # ---------------------------------------------------------------------------------------

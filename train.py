@@ -80,9 +80,10 @@ def get_args_parser():
                    help="seg RAT's head to full resolution: conv (default), a U-Net's last two decoder stages on "
                         "the conv stem's maps; refine and linear, the heads of checkpoints from before the conv stem "
                         "(each token predicts its pixels, then two 3x3 convs or one correct them)")
-    p.add_argument("--stem", default=None, choices=["patch", "conv"],
+    p.add_argument("--stem", default=None, choices=["patch", "conv", "full"],
                    help="RAT: conv (default for seg), 3x3 convs at full and half resolution before the patch "
-                        "projection (ConvStem, in model.py); patch (default for det), the patch projection alone")
+                        "projection (ConvStem, in model.py); full (default for det), two 3x3 convs with GroupNorm "
+                        "at full resolution (FullResStem); patch, the patch projection alone")
     p.add_argument("--token-grid", default="physical", choices=["physical", "pixel"],
                    help="RAT: physical (default) zooms the stem kernel and the first grouping stride with the "
                         "input's resolution relative to --image-size, so deep tokens keep their physical spacing at "
@@ -131,7 +132,7 @@ def fill_defaults(args):
     args.image_size = args.image_size or (64 if seg else 128)
     if args.scales is None:
         args.scales = "1" if seg else "1,0.5"
-    args.stem = args.stem or ("conv" if seg else "patch")
+    args.stem = args.stem or ("conv" if seg else "full")
     if args.strides is None:  # seg: tokens at 4, 8, 16, 32 px; det: keep stride-8 features for small objects
         args.strides = (([2, 2, 2] if seg else [2, 2]) + [1] * args.depth)[:args.depth]
     if args.stem == "conv" and args.patch % 2:

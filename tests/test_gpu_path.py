@@ -79,8 +79,8 @@ def test_detection_spacing_comes_from_the_image_not_the_padding():
     with torch.no_grad():
         features = det.backbone(torch.zeros(1, 3, 128, 128))    # the detector pads 100 to 128
     assert seen == [[(100, 100), (50, 50)]]
-    # the anchors are laid on the padded grid: 128 / stride cells
-    assert [tuple(f.shape[2:]) for f in features.values()] == [(16, 16), (8, 8)]
+    # the anchors are laid on the padded grid: 128 / stride cells, strides 4 to 32
+    assert [tuple(f.shape[2:]) for f in features.values()] == [(32, 32), (16, 16), (8, 8), (4, 4)]
     with torch.no_grad():
         det([torch.rand(3, 100, 100)])                          # end to end through FCOS
 

@@ -169,9 +169,10 @@ def test_detection_resumes_a_checkpoint_from_before_the_flags_on_its_own_grid(tm
 
 @pytest.mark.slow
 def test_detector_keeps_the_training_grid_and_box_units_at_any_size():
-    # The physical grid for FCOS: at 2x the training size the feature maps keep the training
-    # grid, and the anchors (FCOS's unit for box offsets) double, so that a learned offset
-    # keeps its physical length. The pixel grid keeps both in pixels.
+    # The physical grid for FCOS: at 2x the training size the five maps keep the training grid
+    # and the anchors (FCOS's unit for box offsets) double, so that a learned offset keeps its
+    # physical length: a box at the same physical place gets the same regression targets from
+    # the same anchors. The pixel grid keeps both in pixels.
     import train
     from model import set_detector_size
     def detector(*flags):
@@ -179,28 +180,65 @@ def test_detector_keeps_the_training_grid_and_box_units_at_any_size():
             ["--task", "det", "--image-size", "32", "--dim", "32", "--heads", "2", *flags]))
         args.num_classes = 3
         return build_model(vars(args)).eval()
-    def maps(det, size):
+    def run(det, size):   # -> map sizes, anchor sizes, anchors [N, 4] on the padded image
         set_detector_size(det, size)
         with torch.no_grad():
-            feats = det.backbone(torch.rand(1, 3, size, size))
-        return [tuple(f.shape[2:]) for f in feats.values()], [s[0] for s in det.anchor_generator.sizes]
-    physical, pixel = detector(), detector("--token-grid", "pixel")
-    assert maps(physical, 32) == maps(pixel, 32) == ([(4, 4), (2, 2)], [8, 16])
-    assert maps(physical, 64) == ([(4, 4), (2, 2)], [16, 32])
-    assert maps(pixel, 64) == ([(8, 8), (4, 4)], [8, 16])
+            images, _ = det.transform([torch.rand(3, size, size)])
+            feats = list(det.backbone(images.tensors).values())
+            anchors = det.anchor_generator(images, feats)[0]
+        return [tuple(f.shape[2:]) for f in feats], [s[0] for s in det.anchor_generator.sizes], anchors
+    assert detector("--image-size", "128").backbone.strides == [4, 8, 16, 32, 64]   # at 128 px: five levels
+    physical, pixel = detector("--image-size", "64"), detector("--image-size", "64", "--token-grid", "pixel")
+    # at 64 px strides 4 to 32 (a stride-64 map would be one cell): the batch is padded to 64 px
+    grid = [(16, 16), (8, 8), (4, 4), (2, 2)]
+    maps1, sizes1, anchors1 = run(physical, 64)
+    assert (maps1, sizes1) == run(pixel, 64)[:2] == (grid, [4, 8, 16, 32])
+    maps2, sizes2, anchors2 = run(physical, 128)
+    assert (maps2, sizes2) == (grid, [8, 16, 32, 64])
+    assert run(pixel, 128)[:2] == ([(32, 32), (16, 16), (8, 8), (4, 4)], [4, 8, 16, 32])
+    assert torch.equal(anchors2, 2 * anchors1)          # every anchor: twice the centre, twice the size
+    box = torch.tensor([[5.0, 7.0, 21.0, 30.0]])
+    targets1 = physical.box_coder.encode(anchors1, box.expand(len(anchors1), 4))
+    targets2 = physical.box_coder.encode(anchors2, 2 * box.expand(len(anchors2), 4))
+    assert torch.allclose(targets1, targets2)
     with torch.no_grad():
-        boxes = physical([torch.rand(3, 64, 64)])[0]["boxes"]   # the whole detector runs at 2x
-    assert boxes.shape[1] == 4 and bool((boxes <= 64).all())
-    # 1.5x: strides 12 and 24, which the usual padding to 32 px does not divide
-    set_detector_size(physical, 48)
+        boxes = physical([torch.rand(3, 128, 128)])[0]["boxes"]   # the whole detector runs at 2x
+    assert boxes.shape[1] == 4 and bool((boxes <= 128).all())
+    # 1.5x: strides 6 to 48 px, which the usual padding to 32 px does not divide
+    set_detector_size(physical, 96)
     with torch.no_grad():
-        images, _ = physical.transform([torch.rand(3, 48, 48)])
+        images, _ = physical.transform([torch.rand(3, 96, 96)])
         feats = list(physical.backbone(images.tensors).values())
         anchors = physical.anchor_generator(images, feats)[0]
-    for feat, stride in zip(feats, (12, 24)):
+    assert [f.shape[-1] * s for f, s in zip(feats, (6, 12, 24, 48))] == [images.tensors.shape[-1]] * 4
+    for feat, stride in zip(feats, (6, 12, 24, 48)):
         centres = (anchors[:feat.shape[-1], 0] + anchors[:feat.shape[-1], 2]) / 2   # the first row of this map
         anchors = anchors[feat.shape[-2] * feat.shape[-1]:]
         assert torch.allclose(centres.diff(), torch.tensor(float(stride))), (stride, centres)
+
+
+@pytest.mark.slow
+def test_detector_upsamples_an_image_coarser_than_training():
+    # 0.75x: a kernel cannot shrink below a pixel, so the image goes up to the training pitch
+    # (the backbone sees the training grid) and the boxes come back in the image's pixels.
+    import train
+    from model import set_detector_size
+    args = train.fill_defaults(train.get_args_parser().parse_args(
+        ["--task", "det", "--image-size", "32", "--dim", "32", "--heads", "2"]))
+    args.num_classes = 3
+    det = build_model(vars(args)).eval()
+    det.score_thresh = 0.0
+    image = torch.rand(3, 24, 24)
+    set_detector_size(det, 24)
+    seen = []
+    det.backbone.body.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0][0].shape[2:])))
+    with torch.no_grad():
+        boxes = det([image])[0]["boxes"]
+        assert seen == [(32, 32)] and det.anchor_generator.sizes[0] == (4.0,)
+        set_detector_size(det, 32)   # the same by hand: upsampled to 32 px, the boxes scaled back
+        up = F.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+        by_hand = det([up])[0]["boxes"] * 24 / 32
+    assert len(boxes) > 0 and torch.allclose(boxes, by_hand, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -270,6 +308,20 @@ def test_conv_stem_spans_the_same_physical_extent_at_f_times_the_resolution(D, f
         assert torch.allclose(half_f[every_f], half, atol=1e-5)
         full_1, half_1 = stem(upsample(x, f), 1)              # undilated: 1/f of the extent it learned
         assert not torch.allclose(half_1[every_f], half, atol=1e-2)
+
+
+@pytest.mark.parametrize("D,f", [(1, 3), (2, 2), (2, 3)])
+def test_full_resolution_stem_with_group_norm_is_exact_at_f_times_the_resolution(D, f):
+    """Detection's stem: no stride, so on an image upsampled f times both maps, GroupNorm's
+    statistics included, are exactly the upsampled maps of training."""
+    from model import FullResStem
+    torch.manual_seed(0)
+    stem = FullResStem(3, 16, D)
+    x = torch.randn(2, 3, *(6, 8, 4)[:D])
+    with torch.no_grad():
+        for a, b in zip(stem(upsample(x, f), f), stem(x, 1)):
+            assert torch.allclose(a, upsample(b, f), atol=1e-5)
+        assert not torch.allclose(stem(upsample(x, f), 1)[1], upsample(stem(x, 1)[1], f), atol=1e-2)
 
 
 @pytest.mark.parametrize("D", [2, 3])
@@ -432,9 +484,9 @@ def test_detector_anchors_and_maps_follow_each_axis():
         feats = list(det.backbone(images.tensors).values())
         anchors = det.anchor_generator(images, feats)[0]
         boxes = det([torch.rand(3, 64, 32)])[0]["boxes"]
-    assert [tuple(f.shape[2:]) for f in feats] == [(-(-images.tensors.shape[2] // 16), -(-images.tensors.shape[3] // 8)),
-                                                  (-(-images.tensors.shape[2] // 32), -(-images.tensors.shape[3] // 16))]
+    H, W = images.tensors.shape[2:]
+    assert [tuple(f.shape[2:]) for f in feats] == [(H // (8 * s), W // (4 * s)) for s in (1, 2, 4)]  # 32 px: 3 levels
     first = anchors[:feats[0].shape[2] * feats[0].shape[3]]
-    assert torch.equal(first[0], torch.tensor([-4.0, -8.0, 4.0, 8.0]))      # 8 wide, 16 tall, centred on (0, 0)
-    assert torch.allclose((first[1] - first[0])[[0, 2]], torch.tensor(8.0))   # x stride 8 px
+    assert torch.equal(first[0], torch.tensor([-2.0, -4.0, 2.0, 4.0]))      # 4 wide, 8 tall, centred on (0, 0)
+    assert torch.allclose((first[1] - first[0])[[0, 2]], torch.tensor(4.0))   # x stride 4 px
     assert bool((boxes[:, [0, 2]] <= 32).all() and (boxes[:, [1, 3]] <= 64).all())

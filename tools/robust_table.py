@@ -124,10 +124,11 @@ def markdown(entries, resolutions, size, labels, seeds, preset, loaded, task):
         multi = next((r["args"]["train_sizes"] for r in ok if r["args"].get("train_sizes")), None)
         rat = next((r["args"] for r in ok if r["args"]["model"] == "rat"), g)
         arch = (f"scales {','.join(f'{s:g}' for s in rat['scales'])}, sga {rat['sga']}, depth {rat['depth']}, "
-                f"dim {rat['dim']}, heads {rat['heads']}, patch {rat['patch']}")
+                f"dim {rat['dim']}, heads {rat['heads']}, patch {rat['patch']}, stem {rat.get('stem', 'patch')}")
         if task == "det":
             params = {e["model"]: e["params"] for e in entries if e["params"]}
-            models = (f"RAT: {arch}, pe {rat['pe']}, strides {','.join(map(str, rat['strides']))}; small CNN "
+            models = (f"RAT: {arch}, pe {rat['pe']}, strides {','.join(map(str, rat['strides']))}, FCOS on the "
+                      f"stem tokens, the last block at each stride and max-pooled maps above them; small CNN "
                       f"(`--model cnn`): a plain CNN + FPN as wide as brings its parameter count closest to RAT's; "
                       f"ResNet-18 (`--model resnet`) + FPN: a reference with many more parameters; all with "
                       f"torchvision's FCOS head, from scratch. Parameters: "
