@@ -477,19 +477,19 @@ class RATBackbone(nn.Module):
             stages = self.body(levels)
         strides = self.level_strides(tuple(x.shape[2:]))
 
-        def to_map(t, grid, stride):    # tokens [B, N, dim] -> [B, dim, *padded / stride]
-            t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)
-            return F.pad(t, [0, -(-padded[1] // stride[1]) - grid[1], 0, -(-padded[0] // stride[0]) - grid[0]])
+        def as_map(t, grid):            # tokens [B, N, dim] -> [B, dim, *grid]
+            return t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)
 
-        maps = [to_map(*stages[i + 1][0][:2], s) for i, s in zip(self.taps, strides[1:])]
+        def padded_to(m, stride):       # [B, dim, *grid] -> zero-padded to [B, dim, *padded / stride]
+            return F.pad(m, [0, -(-padded[1] // stride[1]) - m.shape[3], 0, -(-padded[0] // stride[0]) - m.shape[2]])
+
+        maps = [padded_to(as_map(*stages[i + 1][0][:2]), s) for i, s in zip(self.taps, strides[1:])]
         # the stem tokens averaged onto twice the first map's grid: per axis, the first grouping
         # stride of them per first-map token, padded as SGA pads them
         t, grid = stages[0][0][:2]
         first, S = stages[self.taps[0] + 1][0][1], per_axis(self.body.block_strides(tuple(x.shape[2:]))[0], 2)
-        t = t.float().transpose(1, 2).reshape(t.shape[0], -1, *grid)                  # [B, dim, *stem grid]
-        t = F.pad(t, [0, S[1] * first[1] - grid[1], 0, S[0] * first[0] - grid[0]])
-        t = F.interpolate(t, size=[2 * n for n in first], mode="area")
-        fine = F.pad(t, [0, 2 * maps[0].shape[3] - t.shape[3], 0, 2 * maps[0].shape[2] - t.shape[2]])
+        t = F.pad(as_map(t, grid), [0, S[1] * first[1] - grid[1], 0, S[0] * first[0] - grid[0]])   # [B, dim, *S * first]
+        fine = padded_to(F.interpolate(t, size=[2 * n for n in first], mode="area"), strides[0])
         out = OrderedDict((str(i), m) for i, m in enumerate([fine] + maps))
         top = out[next(reversed(out))]
         for k in self.pools:
