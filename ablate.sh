@@ -13,9 +13,11 @@
 # Presets (PRESET=...):
 #   cpu   (default) the component study: one change at a time from the default model
 #         (variants default, scales_1_0.5, scales_1_0.5_0.25, pe_rope|absolute|none, sga_dense|
-#         none, stem_patch, depth_2|6|8, dim_DIM/2, dim_3*DIM/2, unet), evaluated at 0.5x, 1x,
-#         2x IMAGE_SIZE, the default also with --ignore-spacing. Synthetic data, 64 px, 600
-#         train / 100 val, 6 epochs, batch 16, dim 64, depth 4, heads 4, patch 4.
+#         none, stem_patch, head_refine, grid_pixel, depth_2|6|8, dim_DIM/2, dim_3*DIM/2, unet),
+#         evaluated at 0.5x, 1x, 2x, 4x IMAGE_SIZE natively and resized to IMAGE_SIZE, the
+#         default also with --ignore-spacing; the table pairs each variant with the default of
+#         the same seed. Synthetic data, 64 px, 600 train / 100 val, 6 epochs, batch 16, dim 64,
+#         depth 4, heads 4, patch 4.
 #   full  the component study on DATA=isic, 256 px, all images, 10 epochs, batch 16, dim 128,
 #         depth 4, heads 8, patch 4, lr 1e-4, dropout 0.1; one training at a time over NPROC
 #         GPUs (torchrun).
@@ -101,6 +103,8 @@ COMPONENT_VARIANTS=(
   "sga_dense|--sga dense"
   "sga_none|--sga none"
   "stem_patch|--stem patch --head refine"
+  "head_refine|--head refine"
+  "grid_pixel|--token-grid pixel"
   "depth_2|--depth 2"
   "depth_6|--depth 6"
   "depth_8|--depth 8"
@@ -109,8 +113,8 @@ COMPONENT_VARIANTS=(
   "unet|--model unet"
 )
 TABLE=(python tools/ablate_table.py)
-RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2))
-EVAL_FLAGS=()
+RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2)),$((IMAGE_SIZE * 4))
+EVAL_FLAGS=(--resize-to-train)  # the baseline row at each resolution: resized to IMAGE_SIZE and back
 if [[ $PRESET == robust || $PRESET == robust_det ]]; then
   # each model twice: <model>_single at IMAGE_SIZE, <model>_multi at sizes from 0.5x to 2x
   TRAIN_SIZES=${TRAIN_SIZES:-$((IMAGE_SIZE / 2)),$((IMAGE_SIZE * 3 / 4)),$IMAGE_SIZE,$((IMAGE_SIZE * 3 / 2)),$((IMAGE_SIZE * 2))}
@@ -120,13 +124,11 @@ if [[ $PRESET == robust || $PRESET == robust_det ]]; then
     RESOLUTIONS=$((IMAGE_SIZE * 3 / 4)),$IMAGE_SIZE,$((IMAGE_SIZE * 3 / 2)),$((IMAGE_SIZE * 2))  # the det sweep
   else
     MODELS=("rose|--pe rose" "rope|--pe rope" "absolute|--pe absolute" "none|--pe none" "unet|--model unet")
-    RESOLUTIONS=$RESOLUTIONS,$((IMAGE_SIZE * 4))  # up to 4x: twice beyond the largest training size
   fi
   ALL_VARIANTS=()
   for entry in "${MODELS[@]}"; do
     ALL_VARIANTS+=("${entry%%|*}_single|${entry#*|}" "${entry%%|*}_multi|${entry#*|} --train-sizes $TRAIN_SIZES")
   done
-  EVAL_FLAGS=(--resize-to-train)  # the baseline row: resized to IMAGE_SIZE and back
   TABLE=(python tools/robust_table.py)
 else
   ALL_VARIANTS=("${COMPONENT_VARIANTS[@]}")

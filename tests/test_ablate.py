@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -67,7 +68,7 @@ def test_killed_study_resumes_and_finished_runs_are_skipped(tmp_path):
     assert all(r["status"] == "ok" and r["seeds_ok"] == "1/1" and float(r["dice_mean"]) >= 0 for r in rows)
     assert int(rows[0]["params"]) > 0 and float(rows[0]["train_time_s_mean"]) > 0
     table = (out / "results.md").read_text()
-    assert "| pe_none | `--pe none` |" in table and "- pe_none: Dice 2x" in table
+    assert "| pe_none | `--pe none` |" in table and "(n=1)" in table.split("Paired differences")[1].split("| pe_none |")[1]
 
     snapshot = {d: mtimes(out / "runs" / d) for d in ("default_s0", "pe_none_s0")}
     log = study(env)  # everything finished: nothing runs again
@@ -98,40 +99,57 @@ def test_out_of_memory_is_recorded_and_the_study_goes_on(tmp_path):
     assert "skip sga_dense seed 0" in study(env)  # not retried (delete the marker to retry)
 
 
-def fake_run(run_dir, dice, size=32):
-    """A finished run folder as train.py and eval.py leave it, with made-up scores."""
+def fake_run(run_dir, dice, size=32, resized=None):
+    """A finished run folder as train.py and eval.py leave it, with made-up scores: dice at 0.5x,
+    1x, 2x, 4x natively, resized (optional) the resize-to-train baseline at the same sizes."""
     os.makedirs(run_dir / "eval")
     args = {"data": "synthetic", "image_size": size, "train_size": 16, "val_size": 4, "epochs": 2, "batch_size": 8,
-            "lr": 1e-3, "scales": [1.0, 0.5], "pe": "rose", "sga": "local", "depth": 4, "dim": 16, "heads": 2, "patch": 2}
+            "lr": 1e-3, "scales": [1.0], "pe": "rose", "sga": "local", "depth": 4, "dim": 16, "heads": 2, "patch": 4,
+            "strides": [2, 2, 2, 1], "stem": "conv", "head": "conv", "token_grid": "physical"}
     (run_dir / "args.json").write_text(json.dumps(args))
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "epoch_time_s": 1.5}\n{"epoch": 2, "epoch_time_s": 2.5}\n')
     torch.save({"model": {"w": torch.zeros(10, 10), "b": torch.zeros(10)}}, run_dir / "ckpt_last.pt")
-    rows = [{"resolution": r, "dice": d, "iou": d / 2, "images": 4} for r, d in zip((16, 32, 64), dice)]
+    sizes = (size // 2, size, size * 2, size * 4)
+    rows = [{"resolution": r, "input": "native", "dice": d, "iou": d / 2, "images": 4} for r, d in zip(sizes, dice)]
+    rows += [{"resolution": r, "input": f"resized to {size}", "dice": d, "iou": d / 2, "images": 4}
+             for r, d in zip(sizes, resized or ())]
     (run_dir / "eval" / "results.json").write_text(json.dumps({"rows": rows}))
 
 
 @pytest.mark.slow
-def test_table_statistics_and_comparisons(tmp_path):
+def test_table_statistics_and_paired_differences(tmp_path):
     (tmp_path / "variants.tsv").write_text("variant\tflags\ndefault\t\npe_none\t--pe none\nsga_dense\t--sga dense\n")
     runs = tmp_path / "runs"
-    fake_run(runs / "default_s0", (0.5, 0.80, 0.7))
-    fake_run(runs / "default_s1", (0.5, 0.82, 0.7))
-    fake_run(runs / "pe_none_s0", (0.5, 0.60, 0.7))
-    fake_run(runs / "pe_none_s1", (0.5, 0.64, 0.7))
+    fake_run(runs / "default_s0", (0.5, 0.80, 0.7, 0.6), resized=(0.4, 0.80, 0.7, 0.7))
+    fake_run(runs / "default_s1", (0.5, 0.82, 0.7, 0.6), resized=(0.4, 0.82, 0.7, 0.7))
+    fake_run(runs / "default_s2", (0.5, 0.90, 0.7, 0.6), resized=(0.4, 0.90, 0.7, 0.7))
+    # pe_none: 0.20, 0.18, 0.30 below the default of its seed at 1x (a paired effect the seed spread
+    # of 0.053 would hide); at 2x 0.7 + (0.01, -0.01, 0.0): no effect
+    fake_run(runs / "pe_none_s0", (0.5, 0.60, 0.71, 0.6))
+    fake_run(runs / "pe_none_s1", (0.5, 0.64, 0.69, 0.6))
+    fake_run(runs / "pe_none_s2", (0.5, 0.60, 0.70, 0.6))
     os.makedirs(runs / "sga_dense_s0")
     (runs / "sga_dense_s0" / "does_not_fit.txt").write_text("exit status 1\nout of memory\n")
-    run = subprocess.run([sys.executable, "tools/ablate_table.py", "--out", str(tmp_path), "--seeds", "0,1"],
+    run = subprocess.run([sys.executable, "tools/ablate_table.py", "--out", str(tmp_path), "--seeds", "0,1,2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     rows = {r["variant"]: r for r in csv_rows(tmp_path)}
-    assert abs(float(rows["default"]["dice_mean"]) - 0.81) < 1e-9
-    assert abs(float(rows["default"]["dice_std"]) - 0.02 ** 0.5 / 10) < 1e-9  # sample std of 0.80, 0.82
+    assert abs(float(rows["default"]["dice_mean"]) - 0.84) < 1e-9
+    assert abs(float(rows["default"]["dice_std"]) - statistics.stdev([0.80, 0.82, 0.90])) < 1e-9
+    assert abs(float(rows["default"]["gain_0.5x_mean"]) - 0.1) < 1e-9  # native 0.5 against 0.4 resized
+    assert abs(float(rows["default"]["gain_4x_mean"]) + 0.1) < 1e-9 and rows["pe_none"]["gain_4x_mean"] == ""
     assert rows["default"]["params"] == "110" and float(rows["default"]["train_time_s_mean"]) == 4.0
-    assert rows["sga_dense"]["status"] == "does not fit, missing" and rows["sga_dense"]["seeds_ok"] == "0/2"
+    assert rows["sga_dense"]["status"] == "does not fit, missing" and rows["sga_dense"]["seeds_ok"] == "0/3"
+    diffs = [-0.20, -0.18, -0.30]  # pe_none minus default, seed by seed
+    half = 4.303 * statistics.stdev(diffs) / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
+    assert abs(float(rows["pe_none"]["paired_dice_1x_mean"]) - statistics.mean(diffs)) < 1e-9
+    assert abs(float(rows["pe_none"]["paired_dice_1x_ci95"]) - half) < 1e-9
     table = (tmp_path / "results.md").read_text()
-    assert "- pe_none: Dice 0.620 ± 0.028 vs 0.810 ± 0.014: difference -0.190 exceeds the combined std 0.042" in table
-    assert "- pe_none: Dice 2x 0.700 ± 0.000 vs 0.700 ± 0.000: difference +0.000 is within" in table
-    assert "sga_dense" not in table.split("Differences")[1]  # nothing to compare
+    m = statistics.mean(diffs)
+    assert f"| pe_none | **{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]** | " in table  # resolved
+    assert "| +0.000 [-0.025, +0.025] |" in table.split("| pe_none |")[2]  # 2x: not resolved, not bold
+    assert "token grid physical, stem conv, head conv, scales 1, pe rose, sga local, depth 4, dim 16" in table
+    assert "sga_dense" not in table.split("Paired differences")[1]  # nothing to compare
 
 
 def test_results_doc_shows_the_table_the_study_wrote():

@@ -4,10 +4,11 @@
 
 Reads OUT/variants.tsv (the requested variants and their train.py flags) and, per run
 OUT/runs/<variant>_s<seed>/: metrics.jsonl (training time), ckpt_last.pt (parameter
-count), eval/results.json (Dice, IoU at 0.5x, 1x, 2x the training size; test split) and,
-for the default, eval_ignore_spacing/results.json. Writes OUT/results.md and
-OUT/results.csv: mean +- std over seeds (sample std), then one line per comparison with
-the default saying whether the difference exceeds the sum of the two stds.
+count), eval/results.json (Dice, IoU at 0.5x, 1x, 2x, 4x the training size, test split,
+native and resized to the training size) and, for the default, eval_ignore_spacing/.
+Writes OUT/results.md and OUT/results.csv: mean +- std over seeds (sample std), then the
+paired difference of each variant to the default run of the same seed (same data order,
+same initial draw), with a 95% t interval over seeds.
 """
 
 import argparse
@@ -16,9 +17,14 @@ import json
 import os
 import statistics
 
-COLUMNS = [("dice", 1), ("iou", 1), ("dice", 0.5), ("dice", 2)]  # (metric, test size / training size)
-HEADER = ["Dice", "IoU", "Dice 0.5x", "Dice 2x"]
+FACTORS = (1, 0.5, 2, 4)  # test size / training size
+COLUMNS = [("dice", 1), ("iou", 1), ("dice", 0.5), ("dice", 2), ("dice", 4),
+           ("gain", 0.5), ("gain", 2), ("gain", 4)]  # gain: native Dice minus resize-to-train Dice
+HEADER = ["Dice", "IoU", "Dice 0.5x", "Dice 2x", "Dice 4x", "gain 0.5x", "gain 2x", "gain 4x"]
+PAIRED = [("dice", f) for f in FACTORS]
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in the state dict, not parameters
+# two-sided 95% quantiles of Student's t, by degrees of freedom (n seeds - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def read_json(path):
@@ -44,13 +50,18 @@ def read_study_run(run):
            "params": sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))}
     for tag, sub in (("", "eval"), ("ignore", "eval_ignore_spacing")):
         path = os.path.join(run, sub, "results.json")
-        if os.path.exists(path):
-            res = read_json(path)
-            out["images"] = res["rows"][0]["images"]
-            for row in res["rows"]:
-                for metric, factor in COLUMNS:
-                    if row["resolution"] == round(args["image_size"] * factor):
-                        out[(tag, metric, factor)] = row[metric]
+        if not os.path.exists(path):
+            continue
+        res = read_json(path)
+        out["images"] = res["rows"][0]["images"]
+        for factor in FACTORS:
+            rows = [r for r in res["rows"] if r["resolution"] == round(args["image_size"] * factor)]
+            native = next((r for r in rows if r.get("input", "native") == "native"), None)
+            resized = next((r for r in rows if r.get("input", "native") != "native"), None)
+            if native:
+                out[(tag, "dice", factor)], out[(tag, "iou", factor)] = native["dice"], native["iou"]
+            if native and resized and factor != 1:
+                out[(tag, "gain", factor)] = native["dice"] - resized["dice"]
     return out
 
 
@@ -78,16 +89,31 @@ def summarize(name, flags, runs, tag=""):
     return row
 
 
-def comparison(row, ref, metric, factor, label):
-    (m, s, _), (m0, s0, _) = row[(metric, factor)], ref[(metric, factor)]
-    if m is None or m0 is None:
-        return None
-    if s is None or s0 is None:
-        return f"- {row['variant']}: {label} {fmt(m, s)} vs {fmt(m0, s0)}: difference {m - m0:+.3f} (no std with one seed)"
-    spread = s + s0
-    verdict = "exceeds" if abs(m - m0) > spread else "is within"
-    return (f"- {row['variant']}: {label} {fmt(m, s)} vs {fmt(m0, s0)}: difference {m - m0:+.3f} "
-            f"{verdict} the combined std {spread:.3f}")
+def paired(runs, ref_runs, tag, metric, factor):
+    """Per-seed differences to the default run of the same seed -> (mean, half-width of the 95% t
+    interval or None, n)."""
+    key = (tag, metric, factor)
+    diffs = [r[key] - d[("", metric, factor)] for r, d in zip(runs, ref_runs)
+             if r["status"] == d["status"] == "ok" and key in r and ("", metric, factor) in d]
+    m, s, n = stats(diffs)
+    return m, (T975[n - 1] * s / n ** 0.5 if s is not None and n - 1 in T975 else None), n
+
+
+def paired_cell(m, half, n):
+    if m is None:
+        return "-"
+    if half is None:
+        return f"{m:+.3f} (n={n})"
+    resolved = "**" if abs(m) > half else ""  # the interval excludes 0
+    return f"{resolved}{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]{resolved}"
+
+
+def describe_default(d):
+    """The default model's choices, every one a row of the study could change."""
+    return (f"token grid {d.get('token_grid', 'pixel')}, stem {d.get('stem', 'patch')}, head {d.get('head', 'refine')}, "
+            f"scales {','.join(f'{s:g}' for s in d['scales'])}, pe {d['pe']}, sga {d['sga']}, depth {d['depth']}, "
+            f"dim {d['dim']}, heads {d['heads']}, patch {d['patch']}, strides "
+            f"{','.join(map(str, d.get('strides') or []))}")
 
 
 def read_study(description):
@@ -110,7 +136,6 @@ def main():
     rows = [summarize(n, fl, loaded[n]) for n, fl in variants]
     if "default" in loaded:
         rows.insert(1 + [r["variant"] for r in rows].index("default"), summarize("default", "", loaded["default"], "ignore"))
-    ref = next((r for r in rows if r["variant"] == "default"), None)
     any_ok = next((r for runs in loaded.values() for r in runs if r["status"] == "ok"), None)
 
     lines = [f"## Component study{' (preset ' + a.preset + ')' if a.preset else ''}", ""]
@@ -118,12 +143,13 @@ def main():
         g = any_ok["args"]
         d = next((r["args"] for r in loaded.get("default", []) if r["status"] == "ok"), g)
         lines += [f"{g['data']} data, {g['image_size']} px, {g['train_size'] or 'all'} train / {g['val_size'] or 'all'} "
-                  f"val images, {g['epochs']} epochs, batch {g['batch_size']}, lr {g['lr']:g}. Default model: scales "
-                  f"{','.join(f'{s:g}' for s in d['scales'])}, pe {d['pe']}, sga {d['sga']}, depth {d['depth']}, dim "
-                  f"{d['dim']}, heads {d['heads']}, patch {d['patch']}; each row changes one thing. Seeds "
-                  f"{','.join(map(str, seeds))}: mean ± std over seeds (sample std). Dice, IoU: test split "
-                  f"({any_ok['images']} images) at the training size, ckpt_best.pt; Dice 0.5x / 2x: the same test "
-                  f"images at {g['image_size'] // 2} / {g['image_size'] * 2} px. Train time: sum of epoch times.", ""]
+                  f"val images, {g['epochs']} epochs, batch {g['batch_size']}, lr {g['lr']:g}. Default model: "
+                  f"{describe_default(d)}; each row changes one thing. Seeds {','.join(map(str, seeds))}: mean ± std "
+                  f"over seeds (sample std). Dice, IoU: test split ({any_ok['images']} images) at the training size, "
+                  f"ckpt_best.pt; Dice 0.5x / 2x / 4x: the same test images rendered at "
+                  f"{', '.join(str(round(g['image_size'] * f)) for f in FACTORS[1:])} px; gain: native Dice minus the "
+                  f"Dice of the same image resized to {g['image_size']} px and the prediction resized back (eval.py "
+                  f"--resize-to-train). Train time: sum of epoch times.", ""]
     cols = ["variant", "change", "params", "train time (s)", *HEADER, "seeds"]
     lines += ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
     csv_rows = []
@@ -142,20 +168,26 @@ def main():
             key = head.lower().replace(" ", "_")
             csv_row[f"{key}_mean"], csv_row[f"{key}_std"] = r[(metric, factor)][:2]
         csv_rows.append(csv_row)
-    if ref:
-        lines += ["", "Differences to the default (does |mean - mean_default| exceed std + std_default?):", ""]
-        for r in rows:
-            if r is ref:
+    if "default" in loaded:
+        ref = loaded["default"]
+        lines += ["", "Paired differences to the default (variant minus default, run by run on the same seed; mean "
+                  "and 95% t interval over seeds; **bold**: the interval excludes 0):", "",
+                  "| variant | " + " | ".join(f"Dice {f:g}x" for _, f in PAIRED) + " |", "|---|" + "---:|" * len(PAIRED)]
+        # the default against itself tested with --ignore-spacing, then every other variant
+        for name, tag in [("default", "ignore")] + [(n, "") for n, _ in variants if n != "default"]:
+            cells = [paired(loaded[name], ref, tag, metric, f) for metric, f in PAIRED]
+            if all(c[0] is None for c in cells):
                 continue
-            pe = r["change"].startswith("--pe") or "ignore-spacing" in r["variant"]
-            for (metric, factor), head in zip(COLUMNS, HEADER):
-                if (metric, factor) == ("dice", 1) or (pe and metric == "dice"):
-                    line = comparison(r, ref, metric, factor, head)
-                    lines += [line] if line else []
+            label = name + (" (tested with --ignore-spacing)" if tag else "")
+            lines.append(f"| {label} | " + " | ".join(paired_cell(*c) for c in cells) + " |")
+            row = next(r for r in csv_rows if r["variant"] == label)
+            for (metric, f), (m, half, _) in zip(PAIRED, cells):
+                row[f"paired_dice_{f:g}x_mean"], row[f"paired_dice_{f:g}x_ci95"] = m, half
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    fields = list(dict.fromkeys(k for r in csv_rows for k in r))
     with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(csv_rows)
     print("\n".join(lines))
