@@ -21,7 +21,6 @@ FACTORS = (1, 0.5, 2, 4)  # test size / training size
 COLUMNS = [("dice", 1), ("iou", 1), ("dice", 0.5), ("dice", 2), ("dice", 4),
            ("gain", 0.5), ("gain", 2), ("gain", 4)]  # gain: native Dice minus resize-to-train Dice
 HEADER = ["Dice", "IoU", "Dice 0.5x", "Dice 2x", "Dice 4x", "gain 0.5x", "gain 2x", "gain 4x"]
-PAIRED = [("dice", f) for f in FACTORS]
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in the state dict, not parameters
 # two-sided 95% quantiles of Student's t, by degrees of freedom (n seeds - 1)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -30,6 +29,17 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def num_params(run):
+    """Parameters in the run's ckpt_last.pt, None without one; shared with robust_table.py."""
+    path = os.path.join(run, "ckpt_last.pt")
+    if not os.path.exists(path):
+        return None
+    import torch  # only for the parameter count
+
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))
 
 
 def read_study_run(run):
@@ -43,11 +53,7 @@ def read_study_run(run):
     args = read_json(os.path.join(run, "args.json"))
     with open(os.path.join(run, "metrics.jsonl")) as f:
         epochs = [json.loads(line) for line in f if line.strip()]
-    import torch  # only for the parameter count
-
-    state = torch.load(os.path.join(run, "ckpt_last.pt"), map_location="cpu", weights_only=True)["model"]
-    out = {"status": "ok", "args": args, "time": sum(e["epoch_time_s"] for e in epochs),
-           "params": sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))}
+    out = {"status": "ok", "args": args, "time": sum(e["epoch_time_s"] for e in epochs), "params": num_params(run)}
     for tag, sub in (("", "eval"), ("ignore", "eval_ignore_spacing")):
         path = os.path.join(run, sub, "results.json")
         if not os.path.exists(path):
@@ -89,12 +95,11 @@ def summarize(name, flags, runs, tag=""):
     return row
 
 
-def paired(runs, ref_runs, tag, metric, factor):
-    """Per-seed differences to the default run of the same seed -> (mean, half-width of the 95% t
-    interval or None, n)."""
-    key = (tag, metric, factor)
-    diffs = [r[key] - d[("", metric, factor)] for r, d in zip(runs, ref_runs)
-             if r["status"] == d["status"] == "ok" and key in r and ("", metric, factor) in d]
+def paired(runs, ref_runs, tag, factor):
+    """Per-seed Dice differences to the default run of the same seed (scores exist only for finished
+    runs) -> (mean, half-width of the 95% t interval or None, n)."""
+    key, ref_key = (tag, "dice", factor), ("", "dice", factor)
+    diffs = [r[key] - d[ref_key] for r, d in zip(runs, ref_runs) if key in r and ref_key in d]
     m, s, n = stats(diffs)
     return m, (T975[n - 1] * s / n ** 0.5 if s is not None and n - 1 in T975 else None), n
 
@@ -172,16 +177,16 @@ def main():
         ref = loaded["default"]
         lines += ["", "Paired differences to the default (variant minus default, run by run on the same seed; mean "
                   "and 95% t interval over seeds; **bold**: the interval excludes 0):", "",
-                  "| variant | " + " | ".join(f"Dice {f:g}x" for _, f in PAIRED) + " |", "|---|" + "---:|" * len(PAIRED)]
+                  "| variant | " + " | ".join(f"Dice {f:g}x" for f in FACTORS) + " |", "|---|" + "---:|" * len(FACTORS)]
         # the default against itself tested with --ignore-spacing, then every other variant
         for name, tag in [("default", "ignore")] + [(n, "") for n, _ in variants if n != "default"]:
-            cells = [paired(loaded[name], ref, tag, metric, f) for metric, f in PAIRED]
+            cells = [paired(loaded[name], ref, tag, f) for f in FACTORS]
             if all(c[0] is None for c in cells):
                 continue
             label = name + (" (tested with --ignore-spacing)" if tag else "")
             lines.append(f"| {label} | " + " | ".join(paired_cell(*c) for c in cells) + " |")
             row = next(r for r in csv_rows if r["variant"] == label)
-            for (metric, f), (m, half, _) in zip(PAIRED, cells):
+            for f, (m, half, _) in zip(FACTORS, cells):
                 row[f"paired_dice_{f:g}x_mean"], row[f"paired_dice_{f:g}x_ci95"] = m, half
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # tools.ablate_table from any working directory, run as a script or imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.ablate_table import BUFFERS, fmt, read_json, read_study, stats  # noqa: E402
+from tools.ablate_table import fmt, num_params, read_json, read_study, stats  # noqa: E402
 
 INPUTS = ("native", "resized")  # eval.py's input column: "native" or "resized to <train size>"
 RECIPES = ("single", "multi")  # trained at one size; with --train-sizes
@@ -50,17 +50,6 @@ def split_name(name):
     if recipe not in RECIPES or not model:
         raise ValueError(f"variant {name!r}: expected <model>_single or <model>_multi")
     return model, recipe
-
-
-def num_params(run):
-    """Parameters in ckpt_last.pt, None without one (as ablate_table.py counts them)."""
-    path = os.path.join(run, "ckpt_last.pt")
-    if not os.path.exists(path):
-        return None
-    import torch  # only for the parameter count
-
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    return sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))
 
 
 def read_sweep_run(run):
