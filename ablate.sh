@@ -8,6 +8,8 @@
 #   PRESET=full DATA_DIR=/data/ISIC2018 NPROC=8 bash ablate.sh  # ISIC 2018 on GPUs
 #   PRESET=robust bash ablate.sh                                # resolution robustness, seg
 #   PRESET=robust_det bash ablate.sh                            # resolution robustness, det
+#   PRESET=det bash ablate.sh                                   # component study, det
+#   DATA=twins OUT=ablations/twins bash ablate.sh               # component study on --data twins
 #   PRESET=tiny VARIANTS=default,pe_none SEEDS=0 bash ablate.sh # a smoke test
 #
 # Presets (PRESET=...):
@@ -32,11 +34,13 @@
 #         of about RAT's parameter count), resnet (ResNet-18 + FPN); evaluated at 0.75x, 1x,
 #         1.5x, 2x IMAGE_SIZE. 128 px, 1000 train / 100 val, 6 epochs, batch 16, dim 64, depth 4,
 #         heads 4, patch 4, seed 0 only; DIM a multiple of 32; writes ap50_vs_resolution.png.
-#   cpu, robust and robust_det run two trainings at a time, tiny one, one thread each.
+#   det   the component study for detection at the robust_det budget and sweep, seed 0: variants
+#         default (scales 1,0.5), scales_1, pe_rope, pe_none, sga_none, cnn (the small CNN + FPN).
+#   cpu, robust, robust_det and det run two trainings at a time, tiny one, one thread each.
 # Any of these env vars overrides the preset's value:
-#   DATA DATA_DIR IMAGE_SIZE TRAIN_SIZE VAL_SIZE TEST_LIMIT EPOCHS BATCH_SIZE LR DROPOUT
-#   DIM DEPTH HEADS PATCH SEEDS (comma-separated) NPROC (processes per training)
-#   JOBS (trainings at a time) THREADS (OMP_NUM_THREADS per process) WORKERS
+#   DATA (train.py --data: synthetic, twins, isic, coco) DATA_DIR IMAGE_SIZE TRAIN_SIZE VAL_SIZE
+#   TEST_LIMIT EPOCHS BATCH_SIZE LR DROPOUT DIM DEPTH HEADS PATCH SEEDS (comma-separated)
+#   NPROC (processes per training) JOBS (trainings at a time) THREADS (OMP_NUM_THREADS per process) WORKERS
 #   OUT (default ablations/<preset>) VARIANTS (comma-separated subset of the names above)
 #   TRAIN_SIZES (robust, robust_det: the multi recipe's --train-sizes)
 #
@@ -77,19 +81,19 @@ case $PRESET in
     BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
     DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-4}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0} ;;
-  robust_det)  # one seed by default: a det training takes minutes on this CPU
+  robust_det|det)  # one seed by default: a det training takes minutes on this CPU
     TASK=det; DATA=${DATA:-synthetic}; IMAGE_SIZE=${IMAGE_SIZE:-128}; TRAIN_SIZE=${TRAIN_SIZE:-1000}
     VAL_SIZE=${VAL_SIZE:-100}; TEST_LIMIT=${TEST_LIMIT:-}; EPOCHS=${EPOCHS:-6}
     BATCH_SIZE=${BATCH_SIZE:-16}; LR=${LR:-1e-3}; DROPOUT=${DROPOUT:-0}; DIM=${DIM:-64}
     DEPTH=${DEPTH:-4}; HEADS=${HEADS:-4}; PATCH=${PATCH:-4}; NPROC=${NPROC:-1}
     JOBS=${JOBS:-2}; THREADS=${THREADS:-1}; WORKERS=${WORKERS:-0}; SEEDS=${SEEDS:-0} ;;
-  *) echo "ablate.sh: unknown PRESET=$PRESET (cpu, full, tiny, robust or robust_det)" >&2; exit 2 ;;
+  *) echo "ablate.sh: unknown PRESET=$PRESET (cpu, full, tiny, robust, robust_det or det)" >&2; exit 2 ;;
 esac
 SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-ablations/$PRESET}
 DATA_DIR=${DATA_DIR:-}
 RUNS=$OUT/runs
-[[ $DATA == synthetic || -n $DATA_DIR ]] || { echo "ablate.sh: DATA=$DATA needs DATA_DIR" >&2; exit 2; }
+[[ $DATA == synthetic || $DATA == twins || -n $DATA_DIR ]] || { echo "ablate.sh: DATA=$DATA needs DATA_DIR" >&2; exit 2; }
 [[ -n $THREADS ]] && export OMP_NUM_THREADS=$THREADS
 
 # The variants: name, what it changes (train.py flags appended to the default ones).
@@ -112,8 +116,17 @@ COMPONENT_VARIANTS=(
   "dim_$((DIM * 3 / 2))|--dim $((DIM * 3 / 2))"
   "unet|--model unet"
 )
+DET_COMPONENT_VARIANTS=(
+  "default|"
+  "scales_1|--scales 1"
+  "pe_rope|--pe rope"
+  "pe_none|--pe none"
+  "sga_none|--sga none"
+  "cnn|--model cnn"
+)
 TABLE=(python tools/ablate_table.py)
-RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2)),$((IMAGE_SIZE * 4))
+if [[ $TASK == det ]]; then RESOLUTIONS=$((IMAGE_SIZE * 3 / 4)),$IMAGE_SIZE,$((IMAGE_SIZE * 3 / 2)),$((IMAGE_SIZE * 2))
+else RESOLUTIONS=$((IMAGE_SIZE / 2)),$IMAGE_SIZE,$((IMAGE_SIZE * 2)),$((IMAGE_SIZE * 4)); fi
 EVAL_FLAGS=(--resize-to-train)  # the baseline row at each resolution: resized to IMAGE_SIZE and back
 if [[ $PRESET == robust || $PRESET == robust_det ]]; then
   # each model twice: <model>_single at IMAGE_SIZE, <model>_multi at sizes from 0.5x to 2x
@@ -121,7 +134,6 @@ if [[ $PRESET == robust || $PRESET == robust_det ]]; then
   if [[ $TASK == det ]]; then
     # cnn is sized against the RAT of the default flags (--pe, --sga, --dim...); resnet ignores them
     MODELS=("rat|--model rat" "cnn|--model cnn" "resnet|--model resnet")
-    RESOLUTIONS=$((IMAGE_SIZE * 3 / 4)),$IMAGE_SIZE,$((IMAGE_SIZE * 3 / 2)),$((IMAGE_SIZE * 2))  # the det sweep
   else
     MODELS=("rose|--pe rose" "rope|--pe rope" "absolute|--pe absolute" "none|--pe none" "unet|--model unet")
   fi
@@ -130,6 +142,8 @@ if [[ $PRESET == robust || $PRESET == robust_det ]]; then
     ALL_VARIANTS+=("${entry%%|*}_single|${entry#*|}" "${entry%%|*}_multi|${entry#*|} --train-sizes $TRAIN_SIZES")
   done
   TABLE=(python tools/robust_table.py)
+elif [[ $TASK == det ]]; then
+  ALL_VARIANTS=("${DET_COMPONENT_VARIANTS[@]}")
 else
   ALL_VARIANTS=("${COMPONENT_VARIANTS[@]}")
 fi
@@ -158,7 +172,7 @@ train_done() {  # metrics.jsonl holds the final epoch
 
 eval_dirs() {  # the eval folders a run needs
   echo eval
-  [[ $2 == default ]] && echo eval_ignore_spacing
+  [[ $2 == default && $TASK == seg ]] && echo eval_ignore_spacing
   return 0
 }
 

@@ -1,4 +1,5 @@
-"""Datasets: synthetic lesions and ISIC 2018 (segmentation), synthetic shapes and COCO 2017 (detection).
+"""Datasets: synthetic lesions, their twins variant and ISIC 2018 (segmentation), synthetic shapes and
+COCO 2017 (detection).
 
 Images are float tensors in [0, 1] (normalized inside the model), masks are float 0/1,
 sizes are (H, W). The field of view of every image is 1.0, so the spacing of a level is
@@ -29,6 +30,8 @@ N_TRAIN, N_VAL, N_TEST = 2000, 200, 200
 _ISIC_SPLIT_SEED = 2018  # fixed, independent of --seed, so a carved test set never moves
 _COCO_SPLIT_SEED = 2017  # the same for COCO's validation hold-out of train2017
 COCO_VAL_SIZE = 5000     # images of train2017 held out for validation (train.py --coco-val-size)
+
+SYNTHETIC_SOURCES = ("synthetic", "twins")  # rendered by synthetic.py at any size
 
 
 def parse_scales(text):
@@ -104,7 +107,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.size, self.scales = as_hw(image_size), scales
         self.sizes = level_sizes(self.size, scales)
         self.epoch = 0
-        if source == "synthetic":
+        if source in SYNTHETIC_SOURCES:
             self.length = _synthetic_length(split, length)
         elif source == "isic":
             if data_dir is None:
@@ -116,7 +119,7 @@ class SegDataset(torch.utils.data.Dataset):
             self.files = cache_isic_split(self.originals, (h, w), cache_dir)
             self.length = len(self.files)
         else:
-            raise ValueError(f"unknown segmentation data source {source!r} (expected synthetic or isic)")
+            raise ValueError(f"unknown segmentation data source {source!r} (expected synthetic, twins or isic)")
 
     def set_epoch(self, epoch):
         # DataLoader workers hold a copy of the dataset: call this before iterating, and
@@ -131,7 +134,7 @@ class SegDataset(torch.utils.data.Dataset):
         i, size = key if isinstance(key, tuple) else (key, self.size)
         sizes = level_sizes(size, self.scales)
         aug = _augment_rng(self.seed, i, self.epoch) if self.augment else None
-        if self.source == "synthetic":
+        if self.source in SYNTHETIC_SOURCES:
             levels, mask = self._render(i, aug, sizes)
         else:
             levels, mask = self._load(i, aug, sizes)
@@ -142,7 +145,7 @@ class SegDataset(torch.utils.data.Dataset):
         return levels, self.original_mask(i) if self.original_masks else mask
 
     def _render(self, i, aug, sizes):
-        scene = lesion_scene(self.seed, _scene_index(self.split, i))
+        scene = lesion_scene(self.seed, _scene_index(self.split, i), twin=self.source == "twins")
         affine = random_affine(aug) if aug is not None else None
         levels = []
         for size in sizes:

@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (COCO_VAL_SIZE, DetDataset, NativeSegDataset, SegDataset, atomic_open, boxes_to_original, check_size,
-                  det_collate, level_sizes, read_original_masks, resize, seg_collate)
+from data import (COCO_VAL_SIZE, SYNTHETIC_SOURCES, DetDataset, NativeSegDataset, SegDataset, atomic_open,
+                  boxes_to_original, check_size, det_collate, level_sizes, read_original_masks, resize, seg_collate)
 from metrics import (SEG_METRICS, coco_ap, coco_results_json, memory_growth_mib, memory_mark, score_logits, seg_scores,
                      timed)
 from model import autocast, build_model, load_run, set_detector_size
@@ -54,6 +54,7 @@ SCORED = {"synthetic": "at the test resolution (each resolution renders its own 
           "isic": "at each image's original size (prediction resized back), as the ISIC 2018 challenge's scorer; "
                   "the masks are in masks_<r>/",
           "coco": "as COCOeval on detections_<r>.json: original pixels, annotated areas"}
+SCORED["twins"] = SCORED["synthetic"]
 MIN_DISPLAY = 256      # samples are upscaled (nearest) to at least this many pixels
 NATIVE = "native"      # --resolutions: every image at its own size
 
@@ -133,7 +134,7 @@ def parse_resolutions(text):
 
 
 def check_resolution(r, train_args):
-    if r == NATIVE and train_args.get("data", "synthetic") == "synthetic":
+    if r == NATIVE and train_args.get("data", "synthetic") in SYNTHETIC_SOURCES:
         raise ValueError("--resolutions native: needs a real dataset (ISIC or COCO), whose images have a size of "
                          "their own; the built-in data is rendered at whatever size --resolutions gives")
     if r != NATIVE and train_args["model"] == "rat":  # the baselines pad their input: any size runs

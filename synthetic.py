@@ -16,7 +16,7 @@ SHAPE_CLASSES = ("disk", "square", "triangle")
 
 # Independent random streams per purpose (scenes here, augmentation in data.py), so adding
 # a parameter to one never moves the other.
-LESION_STREAM, SHAPES_STREAM, AUGMENT_STREAM = 1, 2, 3
+LESION_STREAM, SHAPES_STREAM, AUGMENT_STREAM, TWIN_STREAM = 1, 2, 3, 4
 
 
 def as_hw(size):
@@ -25,13 +25,19 @@ def as_hw(size):
 
 # --------------------------- skin lesions -----------------------------------------------
 
-def render_lesion(seed, index, size):
+def render_lesion(seed, index, size, twin=False):
     """Scene (seed, index) at size (H, W): float32 image [H,W,3] in [0,1], bool mask [H,W]."""
-    return draw_lesion(lesion_scene(seed, index), as_hw(size))
+    return draw_lesion(lesion_scene(seed, index, twin), as_hw(size))
 
 
-def lesion_scene(seed, index):
-    """Every random choice of one scene, in continuous [0,1]^2 coordinates (x right, y down)."""
+def lesion_scene(seed, index, twin=False):
+    """Every random choice of one scene, in continuous [0,1]^2 coordinates (x right, y down).
+
+    twin: the same scene plus a smaller look-alike of the lesion elsewhere in the image, not in
+    the mask (the data `--data twins`). Which blob is the lesion, the larger, can only be told
+    by seeing both: the task needs the whole image's context as well as the ragged border's
+    detail, where the plain scenes can be segmented from local evidence alone.
+    """
     rng = np.random.default_rng([seed, index, LESION_STREAM])
     skin = np.array([0.95, 0.78, 0.70]) * (1 - rng.uniform(0, 0.4)) + rng.normal(0, 0.025, 3)
     pigment = _pigment(rng)
@@ -39,26 +45,50 @@ def lesion_scene(seed, index):
     contrast = max(rng.uniform(0.35, 0.95), 0.14 / np.linalg.norm(skin - pigment))
     radius = rng.uniform(0.05, 0.225)  # 10% to 45% of the field of view across
     center = rng.uniform(0.2, 0.8, 2)
-    return _float32(dict(
+    scene = dict(
         skin=skin,
         skin_shading=_waves(rng, 4, 0.5, 2.0, 0.05),   # smooth brightness changes
         redness=_waves(rng, 3, 0.5, 2.0, 0.04),        # smooth colour changes
         skin_texture=_waves(rng, 10, 12, 60, 0.008),    # fine texture, partly finer than a 64 px pixel
-        lesion=dict(
-            center=center, radius=radius, pigment=pigment, contrast=contrast,
-            # radius(angle) = radius * (1 + sum_k a_k cos(k angle + phi_k)): blobby low harmonics
-            # plus a few high ones for a ragged border that only high resolution resolves
-            harmonics=np.concatenate([np.arange(2, 6), rng.choice(np.arange(7, 25), 4, replace=False)]),
-            amplitudes=np.concatenate([rng.uniform(0, 0.12, 4) / np.sqrt([1, 1.5, 2, 2.5]),
-                                       rng.uniform(0.01, 0.035, 4)]),
-            phases=rng.uniform(0, 2 * np.pi, 8),
-            blur=rng.uniform(0.002, 0.025),  # fuzzy vs sharp borders
-            blotches=_waves(rng, 4, 3, 10, 0.12),
-        ),
+        lesion=dict(center=center, radius=radius, pigment=pigment, contrast=contrast, **_lesion_shape(rng)),
         decoys=[_decoy(rng, center, radius, pigment, contrast) for _ in range(rng.integers(1, 5))],
         hairs=[_hair(rng) for _ in range(rng.choice([0, 0, rng.integers(1, 4), rng.integers(4, 11)]))],
         vignette=_vignette(rng, center, radius),
-    ))
+    )
+    if twin:  # its own stream: the rest of the scene is the plain scene's
+        scene["twin"] = _twin(np.random.default_rng([seed, index, TWIN_STREAM]), scene["lesion"], scene["vignette"])
+    return _float32(scene)
+
+
+def _lesion_shape(rng):
+    # radius(angle) = radius * (1 + sum_k a_k cos(k angle + phi_k)): blobby low harmonics
+    # plus a few high ones for a ragged border that only high resolution resolves
+    return dict(harmonics=np.concatenate([np.arange(2, 6), rng.choice(np.arange(7, 25), 4, replace=False)]),
+                amplitudes=np.concatenate([rng.uniform(0, 0.12, 4) / np.sqrt([1, 1.5, 2, 2.5]),
+                                           rng.uniform(0.01, 0.035, 4)]),
+                phases=rng.uniform(0, 2 * np.pi, 8),
+                blur=rng.uniform(0.002, 0.025),  # fuzzy vs sharp borders
+                blotches=_waves(rng, 4, 3, 10, 0.12))
+
+
+def _lesion_reach(lesion):
+    return lesion["radius"] * (1 + lesion["amplitudes"].sum()) + lesion["blur"]
+
+
+def _twin(rng, lesion, vignette):
+    """A look-alike of the lesion at 50-75% of its radius (same pigment, its own border), inside
+    the image and the dermoscope's field, clear of the lesion; shrunk where there is no room."""
+    twin = dict(lesion, radius=lesion["radius"] * rng.uniform(0.5, 0.75), **_lesion_shape(rng),
+                pigment=np.clip(lesion["pigment"] + rng.normal(0, 0.03, 3), 0, 1))
+    for attempt in range(200):
+        if attempt % 20 == 19:
+            twin["radius"] *= 0.85
+        margin = _lesion_reach(twin)
+        twin["center"] = rng.uniform(margin, 1 - margin, 2)
+        in_field = vignette is None or np.linalg.norm(twin["center"] - 0.5) + margin < vignette["radius"]
+        if in_field and np.linalg.norm(twin["center"] - lesion["center"]) > _lesion_reach(lesion) + margin + 0.03:
+            break
+    return twin
 
 
 def _pigment(rng):
@@ -177,14 +207,9 @@ def draw_lesion(scene, size, affine=None, with_mask=True):
         win = grid.window(*_decoy_box(decoy))
         color = skin[win] + decoy["contrast"] * (decoy["pigment"] - skin[win])
         _paint(image[win], grid.coverage(_decoy_distance(grid.x[win], grid.y[win], decoy), decoy["blur"]), color)
-    lesion = scene["lesion"]
-    reach = lesion["radius"] * (1 + lesion["amplitudes"].sum()) + lesion["blur"]
-    win = grid.window(lesion["center"] - reach, lesion["center"] + reach)
-    distance, rho = _lesion_distance(grid.x[win], grid.y[win], lesion)
-    # darker core, uneven pigment
-    strength = np.clip(0.8 + 0.25 * (1 - rho / lesion["radius"]) + grid.waves(lesion["blotches"])[win], 0.3, 1.0)
-    color = skin[win] + lesion["contrast"] * strength[..., None] * (lesion["pigment"] - skin[win])
-    _paint(image[win], grid.coverage(distance, lesion["blur"]), color)
+    if "twin" in scene:
+        _paint_lesion(image, skin, grid, scene["twin"])
+    win, distance = _paint_lesion(image, skin, grid, scene["lesion"])
     for hair in scene["hairs"]:  # occluders: over skin and lesion, never in the mask
         _paint(image, hair["opacity"] * _hair_coverage(grid, hair), hair["color"])
     if scene["vignette"] is not None:
@@ -196,6 +221,18 @@ def draw_lesion(scene, size, affine=None, with_mask=True):
         mask = np.zeros(size, bool)
         mask[win] = distance < 0
     return np.clip(image, 0, 1), mask
+
+
+def _paint_lesion(image, skin, grid, lesion):
+    """-> the window it was painted in, the signed distance to its border there"""
+    reach = _lesion_reach(lesion)
+    win = grid.window(lesion["center"] - reach, lesion["center"] + reach)
+    distance, rho = _lesion_distance(grid.x[win], grid.y[win], lesion)
+    # darker core, uneven pigment
+    strength = np.clip(0.8 + 0.25 * (1 - rho / lesion["radius"]) + grid.waves(lesion["blotches"])[win], 0.3, 1.0)
+    color = skin[win] + lesion["contrast"] * strength[..., None] * (lesion["pigment"] - skin[win])
+    _paint(image[win], grid.coverage(distance, lesion["blur"]), color)
+    return win, distance
 
 
 def _skin(grid, scene):

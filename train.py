@@ -55,7 +55,9 @@ RANGES = [
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train RAT for segmentation or detection", add_help=True)
     p.add_argument("--task", default="seg", choices=["seg", "det"])
-    p.add_argument("--data", default="synthetic", choices=["synthetic", "isic", "coco"])
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "twins", "isic", "coco"],
+                   help="built-in synthetic (lesions for seg, shapes for det), twins (seg: each lesion with a "
+                        "smaller look-alike that is not in the mask), or a real dataset under --data-dir")
     p.add_argument("--data-dir", default=None, help="dataset root (ISIC 2018 or COCO 2017 layout)")
     p.add_argument("--out", default=None, help="run folder (default runs/<task>)")
     p.add_argument("--model", default="rat", choices=["rat", "unet", "cnn", "resnet"],
@@ -143,7 +145,7 @@ def fill_defaults(args):
     args.out = args.out or os.path.join("runs", args.task)
     if args.model in (("cnn", "resnet") if seg else ("unet",)):
         raise ValueError(f"--model {args.model} is not a baseline for --task {args.task}")
-    if args.data == ("coco" if seg else "isic"):
+    if args.data in (("coco",) if seg else ("isic", "twins")):
         raise ValueError(f"--data {args.data} is not a {args.task} dataset")
     if not seg and args.dim % 32:
         raise ValueError(f"--dim {args.dim}: torchvision's FCOS head uses GroupNorm(32), so --dim must be a multiple of 32")

@@ -148,15 +148,23 @@ def test_table_statistics_and_paired_differences(tmp_path):
     m = statistics.mean(diffs)
     assert f"| pe_none | **{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]** | " in table  # resolved
     assert "| +0.000 [-0.025, +0.025] |" in table.split("| pe_none |")[2]  # 2x: not resolved, not bold
+    # seeds that would resolve an effect of the measured size and paired std: 3 (4.303 * 0.064 / sqrt(3)
+    # < 0.227, 12.706 * 0.064 / sqrt(2) is not); at 4x there is no effect to resolve
+    assert table.split("| pe_none |")[2].splitlines()[0].endswith("| 3 / - |")
     assert "token grid physical, stem conv, head conv, scales 1, pe rose, sga local, depth 4, dim 16" in table
     assert "sga_dense" not in table.split("Paired differences")[1]  # nothing to compare
+    with Image.open(tmp_path / "paired_differences.png") as im:  # the forest plot of the same numbers
+        assert im.width > 600
+        colours = dict((c, n) for n, c in im.convert("RGB").getcolors(1 << 20))
+    assert colours.get((31, 119, 180), 0) > 50 and colours.get((130, 130, 130), 0) > 50  # resolved and not
 
 
-def test_results_doc_shows_the_table_the_study_wrote():
+@pytest.mark.parametrize("study", ["cpu", "cpu_rest", "cpu_seeds", "twins", "det"])
+def test_results_doc_shows_the_table_the_study_wrote(study):
     readme = open(os.path.join(ROOT, "RESULTS.md")).read()
-    start, end = "<!-- begin ablations/cpu/results.md -->\n", "\n<!-- end ablations/cpu/results.md -->"
+    start, end = f"<!-- begin ablations/{study}/results.md -->\n", f"\n<!-- end ablations/{study}/results.md -->"
     shown = readme[readme.index(start) + len(start):readme.index(end)]
-    assert shown == open(os.path.join(ROOT, "ablations", "cpu", "results.md")).read().rstrip()
+    assert shown == open(os.path.join(ROOT, "ablations", study, "results.md")).read().rstrip()
 
 
 # --- the resolution robustness study (PRESET=robust, tools/robust_table.py) ---------------
@@ -312,7 +320,7 @@ def fake_det_run(run_dir, model, native, resized, params, train_sizes=None, size
     (run_dir / "args.json").write_text(json.dumps(args))
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "epoch_time_s": 1.5}\n{"epoch": 2, "epoch_time_s": 2.5}\n')
     torch.save({"model": {"w": torch.zeros(params)}}, run_dir / "ckpt_last.pt")
-    rows = [{"resolution": r, "input": how, "AP": v / 2, "AP50": v, "AP75": 0.0, "images": 4}
+    rows = [{"resolution": r, "input": how, "AP": v / 2, "AP50": v, "AP75": 0.0, "APs": v / 4, "images": 4}
             for r, n, z in zip((24, 32, 48, 64), native, resized)
             for how, v in (("native", n), (f"resized to {size}", z))]
     (run_dir / "eval" / "results.json").write_text(json.dumps({"task": "det", "rows": rows}))
@@ -355,3 +363,52 @@ def test_robust_table_statistics_det(tmp_path):
     with Image.open(tmp_path / "ap50_vs_resolution.png") as im:
         im.verify()
     assert not (tmp_path / "dice_vs_resolution.png").exists()
+
+
+# --- the detection component study (PRESET=det, tools/ablate_table.py) ---------------------
+
+@pytest.mark.slow
+def test_det_preset_lists_its_variants_and_sweep(tmp_path):
+    env = study_env(tmp_path / "det", "bogus", PRESET="det")
+    run = subprocess.run(["bash", "ablate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "unknown variant bogus (known: default scales_1 pe_rope pe_none sga_none cnn)" \
+        in run.stderr, run.stderr
+
+
+@pytest.mark.slow
+def test_det_component_table(tmp_path):
+    # detection runs in the component table: AP50, AP, AP small at 1x, AP50 at 0.75x, 1.5x, 2x and the
+    # gain over the resize baseline; no --ignore-spacing row (the segmentation default only)
+    (tmp_path / "variants.tsv").write_text("variant\tflags\ndefault\t\npe_none\t--pe none\ncnn\t--model cnn\n")
+    runs = tmp_path / "runs"
+    fake_det_run(runs / "default_s0", "rat", (0.5, 0.60, 0.6, 0.4), (0.6, 0.60, 0.7, 0.7), 100)
+    fake_det_run(runs / "pe_none_s0", "rat", (0.5, 0.52, 0.5, 0.3), (0.6, 0.52, 0.6, 0.6), 100)
+    fake_det_run(runs / "cnn_s0", "cnn", (0.2, 0.70, 0.6, 0.5), (0.6, 0.70, 0.7, 0.7), 120)
+    run = subprocess.run([sys.executable, "tools/ablate_table.py", "--out", str(tmp_path), "--seeds", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rows = {r["variant"]: r for r in csv_rows(tmp_path)}
+    assert list(rows) == ["default", "pe_none", "cnn"]
+    assert float(rows["default"]["ap50_mean"]) == 0.6 and float(rows["default"]["ap_mean"]) == 0.3
+    assert float(rows["default"]["ap_small_mean"]) == 0.15 and float(rows["default"]["ap50_2x_mean"]) == 0.4
+    assert abs(float(rows["default"]["gain_0.75x_mean"]) + 0.1) < 1e-9  # native 0.5 against 0.6 resized
+    assert abs(float(rows["cnn"]["paired_ap50_1x_mean"]) - 0.1) < 1e-9 and rows["cnn"]["paired_ap50_1x_ci95"] == ""
+    assert abs(float(rows["pe_none"]["paired_ap50_1.5x_mean"]) + 0.1) < 1e-9
+    table = (tmp_path / "results.md").read_text()
+    assert "| AP50 | AP | AP small | AP50 0.75x | AP50 1.5x | AP50 2x | gain 0.75x | gain 1.5x | gain 2x |" in table
+    assert "head FCOS, scales 1,0.5" in table and "ignore-spacing" not in table
+    assert "| pe_none | -0.080 (n=1) | +0.000 (n=1) | -0.100 (n=1) | -0.100 (n=1) |" in table
+
+
+def test_tables_are_written_whole_or_not_at_all(tmp_path):
+    from tools.ablate_table import write_csv
+
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("cannot format")
+
+    path = tmp_path / "results.csv"
+    path.write_text("the previous table\n")
+    with pytest.raises(RuntimeError):
+        write_csv(str(path), [{"a": 1}, {"a": Unprintable()}])  # fails after the first row
+    assert path.read_text() == "the previous table\n" and os.listdir(tmp_path) == ["results.csv"]

@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import synthetic
+import train
 from conftest import ENV, ROOT, write_isic
 from metrics import seg_scores
 
@@ -63,6 +64,24 @@ def test_drawing_inside_windows_matches_drawing_everywhere(monkeypatch):
     for (image, mask), case in zip(windowed, cases):
         full_image, full_mask = synthetic.draw_lesion(*case)
         assert np.array_equal(image, full_image) and np.array_equal(mask, full_mask)
+
+
+def test_twins_add_a_smaller_lookalike_outside_the_mask():
+    # --data twins: the plain scene plus a smaller copy of the lesion elsewhere; the mask is unchanged
+    for i in range(12):
+        plain, plain_mask = synthetic.render_lesion(0, i, 64)
+        image, mask = synthetic.render_lesion(0, i, 64, twin=True)
+        scene = synthetic.lesion_scene(0, i, twin=True)
+        assert np.array_equal(mask, plain_mask)
+        assert 0 < scene["twin"]["radius"] <= 0.75 * scene["lesion"]["radius"]
+        changed = np.abs(image - plain).max(-1) > 0.02  # where the twin was painted
+        assert changed.any() and not (changed & mask).any() and changed.sum() < mask.sum()
+    levels, mask = data.SegDataset("twins", "val", 32, scales=(1.0, 0.5))[3]
+    plain_levels, plain_mask = data.SegDataset("synthetic", "val", 32, scales=(1.0, 0.5))[3]
+    assert torch.equal(mask, plain_mask) and [x.shape for x in levels] == [x.shape for x in plain_levels]
+    assert not torch.equal(levels[0], plain_levels[0])
+    with pytest.raises(ValueError, match="--data twins is not a det dataset"):
+        train.fill_defaults(train.get_args_parser().parse_args(["--task", "det", "--data", "twins"]))
 
 
 def test_synthetic_splits_are_disjoint():

@@ -13,17 +13,17 @@ per model, recipe, input and test resolution; mean and sample std over seeds) an
 OUT/<metric>_vs_resolution.png (dice_vs_resolution.png; det: ap50_vs_resolution.png).
 """
 
-import csv
 import json
 import math
 import os
 import sys
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 # tools.ablate_table from any working directory, run as a script or imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.ablate_table import fmt, num_params, read_json, read_study, stats  # noqa: E402
+from tools.ablate_table import (fmt, font, num_params, read_json, read_study, stats, write_atomic,  # noqa: E402
+                                write_csv, write_text)
 
 INPUTS = ("native", "resized")  # eval.py's input column: "native" or "resized to <train size>"
 RECIPES = ("single", "multi")  # trained at one size; with --train-sizes
@@ -186,13 +186,6 @@ def csv_rows(entries, resolutions, size, metrics):
 # the plot (Pillow only)
 # ---------------------------------------------------------------------------------------
 
-def font(size):
-    try:
-        return ImageFont.load_default(size=size)  # scalable, where Pillow has FreeType
-    except (TypeError, AttributeError, OSError):
-        return ImageFont.load_default()
-
-
 def lighter(color, amount=0.55):
     return tuple(round(c + (255 - c) * amount) for c in color)
 
@@ -283,7 +276,7 @@ def plot(entries, resolutions, size, labels, path, task):
     # legend: colours for the models, line styles for the inputs
     legend(d, [(display(m, task), color[m], False) for m in models] + [
         ("native input", (60, 60, 60), False), (f"resized to {size} px", lighter((60, 60, 60)), True)], H + 30, 250)
-    img.save(path)
+    write_atomic(path, img.save)
 
 
 def plot_curves(loaded, names, path, task):
@@ -332,7 +325,7 @@ def plot_curves(loaded, names, path, task):
                  d.line(pts, fill=color[model], width=3, joint="curve"))
     legend(d, [(display(m, task), color[m], False) for m in models] + [
         ("single size", (60, 60, 60), False), ("--train-sizes", (60, 60, 60), True)], H + 30, 230)
-    img.save(path)
+    write_atomic(path, img.save)
 
 
 def main():
@@ -343,8 +336,7 @@ def main():
     if not ok:  # nothing to tabulate; say why, per run (ablate.sh lists the failures)
         status = [f"- {n}_s{s}: {r['status']}" for n in names for s, r in zip(seeds, loaded[n])]
         md = "## Resolution robustness study\n\nNo run finished:\n\n" + "\n".join(status) + "\n"
-        with open(os.path.join(a.out, "results.md"), "w") as f:
-            f.write(md)
+        write_text(os.path.join(a.out, "results.md"), md)
         print(md)
         return
     tasks = {r["args"]["task"] for r in ok}
@@ -356,13 +348,8 @@ def main():
     entries = [summarize(n, loaded[n], resolutions, METRICS[task]) for n in names]
     labels = recipe_labels(ok, size)
     md = markdown(entries, resolutions, size, labels, seeds, a.preset, loaded, task)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(md)
-    rows = csv_rows(entries, resolutions, size, METRICS[task])
-    with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_text(os.path.join(a.out, "results.md"), md)
+    write_csv(os.path.join(a.out, "results.csv"), csv_rows(entries, resolutions, size, METRICS[task]))
     png = f"{METRICS[task][0][0].lower()}_vs_resolution.png"  # dice_vs_resolution.png, ap50_vs_resolution.png
     plot(entries, resolutions, size, labels, os.path.join(a.out, png), task)
     plot_curves(loaded, names, os.path.join(a.out, "learning_curves.png"), task)
