@@ -20,8 +20,14 @@ import json
 import math
 import os
 import statistics
+import sys
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+# data.py from any working directory, run as a script or imported
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import atomic_open, save_png_atomic  # noqa: E402
 
 # task -> the scores of eval.py's rows shown at the training size (the first is also shown at the
 # other test sizes, and as gain: native minus resize-to-train), and the test sizes / training size
@@ -45,8 +51,6 @@ def num_params(run):
     path = os.path.join(run, "ckpt_last.pt")
     if not os.path.exists(path):
         return None
-    import torch  # only for the parameter count
-
     state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     return sum(v.numel() for k, v in state.items() if not k.endswith(BUFFERS))
 
@@ -129,7 +133,7 @@ def seeds_to_resolve(m, s):
     return next((n for n in range(2, 32) if T975[n - 1] * s / n ** 0.5 < abs(m)), None)
 
 
-def paired_cell(m, half, n, s=None):
+def paired_cell(m, half, n):
     if m is None:
         return "-"
     if half is None:
@@ -186,7 +190,7 @@ def plot_paired(cells, score_name, factors, path):
             if half is not None:
                 d.line([(X(m - half), y), (X(m + half), y)], fill=color, width=3)
             d.ellipse([X(m) - 4, y - 4, X(m) + 4, y + 4], fill=color)
-    write_atomic(path, img.save)
+    save_png_atomic(img, path)
 
 
 def describe_default(d):
@@ -268,7 +272,7 @@ def paired_table(loaded, variants, csv_rows, task):
             plotted.append((name, cells))
         label = name + (" (tested with --ignore-spacing)" if tag else "")
         needed = [seeds_to_resolve(cells[i][0], cells[i][3]) for i in (0, -1)]
-        lines.append(f"| {label} | " + " | ".join(paired_cell(*c) for c in cells) + " | "
+        lines.append(f"| {label} | " + " | ".join(paired_cell(*c[:3]) for c in cells) + " | "
                      + " / ".join("-" if n is None else str(n) for n in needed) + " |")
         row = next(r for r in csv_rows if r["variant"] == label)
         for f, (m, half, _, _) in zip(factors, cells):
@@ -276,34 +280,13 @@ def paired_table(loaded, variants, csv_rows, task):
     return lines, plotted
 
 
-def write_atomic(path, write):
-    """write(a temporary path with path's extension), then rename it to path: a table or plot is never
-    half-written; shared with robust_table.py."""
-    root, ext = os.path.splitext(path)
-    tmp = root + ".partial" + ext
-    try:
-        write(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    write_atomic(path, write)
-
-
 def write_csv(path, rows):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            w.writeheader()
-            w.writerows(rows)
-    write_atomic(path, write)
+    """rows as a CSV, the union of their keys as columns, written whole or not at all (data.atomic_open);
+    shared with robust_table.py."""
+    with atomic_open(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def main():
@@ -326,15 +309,17 @@ def main():
         lines += [header_line(any_ok["args"], d, seeds, any_ok["images"], task), ""]
     body, csv_rows = study_table(rows, cols, heads)
     lines += body
+    plotted = []
     if "default" in loaded:
         paired_lines, plotted = paired_table(loaded, variants, csv_rows, task)
         lines += paired_lines
         if plotted:
             plot_paired(plotted, NAMES[TASKS[task][0][0]], TASKS[task][1], os.path.join(a.out, "paired_differences.png"))
-    write_text(os.path.join(a.out, "results.md"), "\n".join(lines) + "\n")
+    with atomic_open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
     write_csv(os.path.join(a.out, "results.csv"), csv_rows)
     print("\n".join(lines))
-    print(f"wrote {a.out}/results.md and results.csv" + (" and paired_differences.png" if "default" in loaded else ""))
+    print(f"wrote {a.out}/results.md and results.csv" + (" and paired_differences.png" if plotted else ""))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw
 
 # tools.ablate_table from any working directory, run as a script or imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.ablate_table import (fmt, font, num_params, read_json, read_study, stats, write_atomic,  # noqa: E402
-                                write_csv, write_text)
+from data import atomic_open, save_png_atomic  # noqa: E402
+from tools.ablate_table import fmt, font, num_params, read_json, read_study, stats, write_csv  # noqa: E402
 
 INPUTS = ("native", "resized")  # eval.py's input column: "native" or "resized to <train size>"
 RECIPES = ("single", "multi")  # trained at one size; with --train-sizes
@@ -276,7 +276,7 @@ def plot(entries, resolutions, size, labels, path, task):
     # legend: colours for the models, line styles for the inputs
     legend(d, [(display(m, task), color[m], False) for m in models] + [
         ("native input", (60, 60, 60), False), (f"resized to {size} px", lighter((60, 60, 60)), True)], H + 30, 250)
-    write_atomic(path, img.save)
+    save_png_atomic(img, path)
 
 
 def plot_curves(loaded, names, path, task):
@@ -325,7 +325,7 @@ def plot_curves(loaded, names, path, task):
                  d.line(pts, fill=color[model], width=3, joint="curve"))
     legend(d, [(display(m, task), color[m], False) for m in models] + [
         ("single size", (60, 60, 60), False), ("--train-sizes", (60, 60, 60), True)], H + 30, 230)
-    write_atomic(path, img.save)
+    save_png_atomic(img, path)
 
 
 def main():
@@ -336,7 +336,8 @@ def main():
     if not ok:  # nothing to tabulate; say why, per run (ablate.sh lists the failures)
         status = [f"- {n}_s{s}: {r['status']}" for n in names for s, r in zip(seeds, loaded[n])]
         md = "## Resolution robustness study\n\nNo run finished:\n\n" + "\n".join(status) + "\n"
-        write_text(os.path.join(a.out, "results.md"), md)
+        with atomic_open(os.path.join(a.out, "results.md"), "w") as f:
+            f.write(md)
         print(md)
         return
     tasks = {r["args"]["task"] for r in ok}
@@ -348,7 +349,8 @@ def main():
     entries = [summarize(n, loaded[n], resolutions, METRICS[task]) for n in names]
     labels = recipe_labels(ok, size)
     md = markdown(entries, resolutions, size, labels, seeds, a.preset, loaded, task)
-    write_text(os.path.join(a.out, "results.md"), md)
+    with atomic_open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md)
     write_csv(os.path.join(a.out, "results.csv"), csv_rows(entries, resolutions, size, METRICS[task]))
     png = f"{METRICS[task][0][0].lower()}_vs_resolution.png"  # dice_vs_resolution.png, ap50_vs_resolution.png
     plot(entries, resolutions, size, labels, os.path.join(a.out, png), task)
