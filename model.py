@@ -13,6 +13,7 @@ Everything works in 1, 2 or 3 spatial dims. Spacing is physical units per pixel;
 by default the field of view is 1, so spacing = 1 / size (DESIGN.md section 1).
 """
 
+import functools
 import math
 from collections import OrderedDict
 
@@ -47,6 +48,36 @@ def pad_to_multiple(x, m):
     for n in reversed(x.shape[2:]):
         pad += [0, -n % m]
     return F.pad(x, pad)
+
+
+# Without gradients (eval.py, predict.py) the full-resolution layers run a strip of rows at a
+# time (by_rows): at 24 megapixels one 16-channel float map is 1.5 GB, and a layer's input,
+# norm and GELU would hold several at once. Strips of about this many output pixels.
+STRIP_PIXELS = 2 ** 19
+
+
+def by_rows(layer, rows, row_pixels, step=1, dim=2):
+    """layer(lo, hi) computes rows [lo, hi) (along `dim`) of an output of `rows` rows, each worth
+    `row_pixels` pixels of a 16-channel map. With gradients, or when the output is small, one call;
+    otherwise strips of a multiple of `step` rows, written into one preallocated output."""
+    n = max(step, STRIP_PIXELS // max(1, row_pixels) // step * step)
+    if torch.is_grad_enabled() or n >= rows:
+        return layer(0, rows)
+    first = layer(0, n)
+    out = first.new_empty(first.shape[:dim] + (rows,) + first.shape[dim + 1:])
+    out.narrow(dim, 0, n).copy_(first)
+    for lo in range(n, rows, n):
+        hi = min(rows, lo + n)
+        out.narrow(dim, lo, hi - lo).copy_(layer(lo, hi))
+    return out
+
+
+def with_halo(fn, x, lo, hi, halo):
+    """Rows [lo, hi) of fn(x), fn a stack of 'same'-padded layers that reads `halo` rows either
+    side: fn on rows [lo - halo, hi + halo) of x (clipped at the border, where fn's own zero
+    padding is the right one), cropped."""
+    a, b = max(0, lo - halo), min(x.shape[2], hi + halo)
+    return fn(x[:, :, a:b])[:, :, lo - a:hi - a]
 
 
 class Attention(nn.Module):
@@ -110,8 +141,13 @@ class ConvStem(nn.Module):
         self.at_full, self.down, self.at_half = conv(in_chans, w1, 3), conv(w1, w2, 3), conv(w2, w2, 3)
 
     def forward(self, x, zoom):
-        full = conv_gelu(self.at_full, x, zoom)                                         # [B, w1, *size]
+        full = by_rows(lambda lo, hi: self.full_rows(x, zoom, lo, hi), x.shape[2], math.prod(x.shape[3:]))  # [B, w1, *size]
         return full, conv_gelu(self.at_half, conv_gelu(self.down, full, zoom, stride=2), zoom)   # [B, w2, *size / 2]
+
+    def full_rows(self, x, zoom, lo, hi):
+        """Rows [lo, hi) of the full-resolution map, from the rows of x its dilated kernel reaches."""
+        d = max(1, round(per_axis(zoom, x.dim() - 2)[0]))
+        return with_halo(lambda s: conv_gelu(self.at_full, s, zoom), x, lo, hi, d)
 
 
 class FullResStem(nn.Module):
@@ -166,7 +202,8 @@ class RAT(nn.Module):
         positions say and not the token grid.
         Returns `stages`, the stem then one per block, each a list over levels of
         (tokens [B, N, dim], grid, spacing, what the decoder needs to go back to the stage's
-        input): a block's assignment; the stem's maps (full, half) with the conv stem, else None."""
+        input): a block's assignment; the stem's maps (full, half) with the conv stem on the finest
+        level, else None."""
         if spacings is None:
             spacings = [tuple(1.0 / n for n in x.shape[2:]) for x in levels]
         size = levels[0].shape[2:]
@@ -175,14 +212,17 @@ class RAT(nn.Module):
         for x, sp in zip(levels, spacings):
             x, maps = normalize(x), None
             if self.conv_stem is not None:
-                maps = self.conv_stem(pad_to_multiple(x, self.patch), f)
-                x = maps[1]                                             # [B, w2, *padded size_l / 2] (full: / 1)
+                x = pad_to_multiple(x, self.patch)
+                full, half = self.conv_stem(x, f)                       # half: [B, w2, *padded size_l / 2] (full: / 1)
+                # Without gradients the decoder computes the full-resolution map's rows again from
+                # the stem's input (ConvStem.full_rows): 3 channels kept, not 16 (24 MP: 0.3 GB, not 1.5)
+                maps, x = (full if torch.is_grad_enabled() else x, half), half
             t = self.stem_tokens(x, f)                                  # [B, dim, *grid]
             grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
             t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
             if self.pe == "absolute":
                 t = t + sincos_embedding(grid_centers(grid, sp), self.dim).to(t)
-            stage.append((t, grid, sp, maps))
+            stage.append((t, grid, sp, None if stage else maps))        # the decoder reads the finest level's only
         stages = [stage]
         for sga, block, stride in zip(self.sgas, self.blocks, self.block_strides(size)):
             stage = [sga(t, grid, sp, stride) for t, grid, sp, _ in stage]  # per level: downsample
@@ -226,15 +266,32 @@ class RAT(nn.Module):
             return self.stem(x)
         lo = [(k - P) // 2 for k in K]      # centred on its cell, as the trained kernel
         x = F.pad(x, [v for k, l in zip(reversed(K), reversed(lo)) for v in (l, k - P - l)])
-        # The zoomed kernel is the trained one area-resampled to K taps (sga.resize_kernel), but
-        # applied as such it would cost prod(f) times more per token (a 4000 x 6000 photo on a
-        # 256 px model: 125 x 188 taps). The same numbers: per axis, for every trained tap, the
-        # area-weighted sum of the pixels it covers at this zoom (area_taps), then the trained
-        # kernel as a 1x1 conv over those sums; linear in pixels at any zoom.
-        for d in range(D):
-            x = area_taps(x, 2 + d, K0[d], K[d], P)          # [B, C * K0_1 * .. * K0_d, ..., tokens on axis d, ...]
-        w = self.stem.weight * (math.prod(K0) / math.prod(K))   # resize_kernel's change in taps
-        return getattr(F, f"conv{D}d")(x, w.reshape(w.shape[0], -1, *[1] * D), self.stem.bias)
+        conv, z = getattr(F, f"conv{D}d"), tuple(round(v) for v in f)
+        if K == tuple(k * v for k, v in zip(K0, z)):
+            # Integer zoom: the resampled kernel repeats each trained tap z times, divided by z, so
+            # it is a z-box mean and then the trained kernel dilated by z: the same numbers, far
+            # fewer operations than the general path below.
+            def tokens(x):
+                mean = getattr(F, f"avg_pool{D}d")(x, z, stride=1)
+                return conv(mean, self.stem.weight, self.stem.bias, stride=P, dilation=z)
+        else:
+            # The zoomed kernel is the trained one area-resampled to K taps (sga.resize_kernel), but
+            # applied as such it would cost prod(f) times more per token (a 4000 x 6000 photo on a
+            # 256 px model: 125 x 188 taps). The same numbers: per axis, for every trained tap, the
+            # area-weighted sum of the pixels it covers at this zoom (area_taps), then the trained
+            # kernel as a 1x1 conv over those sums; linear in pixels at any zoom.
+            w = self.stem.weight * (math.prod(K0) / math.prod(K))   # resize_kernel's change in taps
+            w = w.reshape(w.shape[0], -1, *[1] * D)
+
+            def tokens(x):
+                for d in range(D):
+                    x = area_taps(x, 2 + d, K0[d], K[d], P)      # [B, C * K0_1 * .. * K0_d, ..., tokens on axis d, ...]
+                return conv(x, w, self.stem.bias)
+        # strips of token rows, each reading K[0] - P rows more; area_taps holds float64 sums of
+        # every trained tap, prod(K0) copies of the strip: its size counts them
+        rows = (x.shape[2] - K[0]) // P + 1
+        return by_rows(lambda a, b: tokens(x[:, :, a * P:(b - 1) * P + K[0]]), rows,
+                       P * math.prod(x.shape[3:]) * math.prod(K0))
 
     def block_strides(self, size):
         """Every block's grouping stride for a finest level of `size` pixels; the first one
@@ -331,27 +388,47 @@ class RATSeg(nn.Module):
             return F.interpolate(self(up), size=size, mode=mode)
         stages = self.backbone(levels, spacings)
         y = stages[-1][0][0]                                            # finest level, last block
+        B, D, P, K = y.shape[0], len(size), self.backbone.patch, self.num_classes
         for b in reversed(range(len(self.backbone.sgas))):
             skip, grid, _, _ = stages[b][0]
             stride = tuple(round(a / c) for a, c in zip(stages[b + 1][0][2], stages[b][0][2]))  # the one this input used
             y = self.backbone.sgas[b].unpool(y, stages[b + 1][0][3], grid, stride)
-            y = y + self.fuse[b](torch.cat([y, skip], dim=-1))         # [B, N_b, dim]
-        B, D, P, K = y.shape[0], len(grid), self.backbone.patch, self.num_classes
+            # [B, N_b, dim], by strips of tokens: one of 2 dim channels is worth dim / 8 pixels of 16
+            y = by_rows(lambda lo, hi: y[:, lo:hi] + self.fuse[b](torch.cat([y[:, lo:hi], skip[:, lo:hi]], dim=-1)),
+                        y.shape[1], y.shape[2] // 8, dim=1)
         crop = (...,) + tuple(slice(0, n) for n in size)
         if self.head == "conv":
-            full, half = stages[0][0][3]
+            full, half = stages[0][0][3]            # without gradients `full` is the stem's input (RAT.forward)
+            full_rows = ((lambda a, b: full[:, :, a:b]) if torch.is_grad_enabled() else
+                         functools.partial(self.backbone.conv_stem.full_rows, full, f))
             y = self.to_half(self.norm(y)).transpose(1, 2).reshape(B, -1, *grid)     # [B, w2, *grid]
-            y = F.interpolate(y, size=half.shape[2:], mode="nearest")               # tokens are P / 2 apart
-            y = conv_gelu(self.up_half, torch.cat([y, half], dim=1), f)             # [B, w2, *padded / 2]
-            y = F.interpolate(y, size=full.shape[2:], mode="nearest")
-            y = conv_gelu(self.up_full, torch.cat([y, full], dim=1), f)             # [B, w1, *padded]
-            return self.pixels(y)[crop]                                              # [B, K, *size_0]
+            y = up_and_conv(self.up_half, y, lambda a, b: half[:, :, a:b], half.shape[2:], f)   # [B, w2, *padded / 2]
+            return up_and_conv(self.up_full, y, full_rows, full.shape[2:], f, then=self.pixels)[crop]  # [B, K, *size_0]
         y = self.to_pixels(self.norm(y)).reshape(B, *grid, K, *[P] * D)           # [B, *grid, K, *P]
         y = cells_to_pixels(y.movedim(1 + D, 1), P, f)[crop]                      # [B, K, *size_0]
         x = normalize(levels[0])
         if self.head == "linear":
             return y + self.pixels(x)
         return y + self.pixels(torch.cat([x, y.sigmoid()], dim=1))
+
+
+def up_and_conv(conv, y, skip_rows, size, zoom, then=None):
+    """A U-Net decoder stage: y [B, c, *low] upsampled (nearest) to the skip's size (an integer
+    factor per axis), concatenated with the skip, whose rows [a, b) are skip_rows(a, b), conv_gelu,
+    then `then` if given. Without gradients by strips of rows, so that neither the upsampled map
+    nor the concatenation (at 24 megapixels 4.6 GB for the last stage) exists whole."""
+    s = [h // n for h, n in zip(size, y.shape[2:])]
+    halo = max(1, round(per_axis(zoom, len(s))[0]))                  # the conv's dilation along rows
+    then = then or (lambda t: t)
+
+    def rows(lo, hi):               # lo, hi multiples of s[0]
+        a, b = max(0, lo - halo), min(size[0], hi + halo)
+        first = a // s[0]
+        up = F.interpolate(y[:, :, first:-(-b // s[0])], scale_factor=s, mode="nearest")[:, :, a - first * s[0]:]
+        out = conv_gelu(conv, torch.cat([up[:, :, :b - a], skip_rows(a, b)], dim=1), zoom)
+        return then(out[:, :, lo - a:hi - a])
+
+    return by_rows(rows, size[0], math.prod(size[1:]), step=s[0])
 
 
 def cells_to_pixels(y, P, zoom):

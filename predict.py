@@ -41,15 +41,15 @@ from synthetic import SHAPE_CLASSES
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 OUTPUTS = ("_mask.png", "_overlay.png")   # ours: not read as inputs when --out is an input folder
 # Peak memory of one segmentation (CPU, inference), a little above `python bench.py --only predict`'s
-# measurements (RESULTS.md; the ISIC recipe's model, dim 128, at 1, 2 and 4 MP: 0.40, 0.64, 1.16 GiB
-# with the refine head and patch stem, 0.80, 1.14, 2.28 GiB with the conv stem and head). Per pixel the
-# network sees: the larger of the head's phase at full resolution (HEAD_BYTES) and the first
-# grouping's (a multiple of the stem tokens' channels: dim / patch^2 per pixel); per pixel of the
-# original, its decoded copies and the mask; and a fixed part (the allocator, lazy buffers). Detection
-# with --stem full: about 1.8 KB per pixel at 1 MP (the zoomed patch projection reads the stem's two
+# measurements (RESULTS.md, Cost; the ISIC recipe's model, dim 128). Per pixel the network sees: the
+# larger of the head's phase at full resolution (HEAD_BYTES) and the first grouping's (a multiple of
+# the stem tokens' channels: dim / patch^2 per pixel); per pixel of the original, its decoded copies
+# and the mask; and a fixed part (the allocator, lazy buffers, the inference strips of model.by_rows).
+# With the conv head inference runs by strips, so the first grouping sets the peak. Detection with
+# --stem full: about 1.8 KB per pixel at 1 MP (the zoomed patch projection reads the stem's two
 # 32-channel full-resolution maps; growth of the peak RSS of one 1024 px image, 128 px model).
-HEAD_BYTES = {"conv": 640, "refine": 270, "linear": 270, "unet": 1000, "det": 1100}
-PIXEL_BYTES, TOKEN_CHANNEL_BYTES, ORIGINAL_PIXEL_BYTES, FIXED_BYTES = 40, 30, 20, 200 * 2 ** 20
+HEAD_BYTES = {"conv": 270, "refine": 270, "linear": 270, "unet": 1000, "det": 1100}
+PIXEL_BYTES, TOKEN_CHANNEL_BYTES, ORIGINAL_PIXEL_BYTES, FIXED_BYTES = 40, 30, 20, 350 * 2 ** 20
 
 
 class TooLarge(Exception):

@@ -253,9 +253,10 @@ class SGA(nn.Module):
             x1, x2, rest, v = kv.split([hP, hP, C - 2 * hP, C], dim=-1)          # [B, N, h * P], ..
             cs = self.rose(positions(grid, spacing, self.pe).to(x.device))          # [h, N, P] each
             cos, sin = (t.transpose(0, 1).reshape(N, hP) for t in cs)                # [N, h * P]
+            del cs                               # at a large zoom each of these is a multiple of the image
             kb = torch.cat([head_blocks(t, grid, S, h) for t in (*rotate_planes(x1, x2, cos, sin), rest)], dim=-1)
             kb = kb.reshape(B * h, M, n, d)
-            del x1, x2, rest, cs, cos, sin, kv   # at a large zoom each is a multiple of the input: free them now
+            del x1, x2, rest, cos, sin, kv       # free each as soon as it is used
             cs_groups = self.rose(positions(go, so, self.pe).to(x.device))
         one = (torch.ones(1, device=x.device) if real is None else real).to(v.dtype)
         v = head_blocks(v, grid, S, h)                                           # view [B, h, *go, S.., d]

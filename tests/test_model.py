@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,27 @@ def test_coarse_levels_reach_the_output():
     coarse = F.interpolate(x, scale_factor=0.5).requires_grad_()
     model([x, coarse]).sum().backward()
     assert coarse.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("D", [2, 3])
+@pytest.mark.parametrize("zoom", [1, 2, 1.5])
+def test_inference_in_strips_gives_the_one_pass_logits(monkeypatch, D, zoom):
+    # Without gradients the full-resolution layers, the stem's patch projection and the decoder run
+    # by strips of rows (model.by_rows), and the head computes the stem's full-resolution map again
+    # from the image: every strip must read the rows its kernels reach (halo), dilated by the zoom,
+    # and land where the one pass with gradients (training's) has it; odd sizes, so that the last
+    # strip is short.
+    import model as model_module
+    torch.manual_seed(0)
+    ref = 16 if D == 2 else 8
+    net = RATSeg(dim=16, depth=2, heads=2, patch=4, spatial_dims=D, ref_size=ref).eval()
+    size = [math.ceil(ref * zoom) + 3, math.ceil(ref * zoom) + 1] + [ref] * (D - 2)
+    x = torch.rand(1, 3, *size)
+    whole = net([x]).detach()
+    monkeypatch.setattr(model_module, "STRIP_PIXELS", 3 * math.prod(size[1:]))
+    with torch.no_grad():
+        strips = net([x])
+    assert torch.allclose(strips, whole, atol=1e-5), (strips - whole).abs().max()
 
 
 def test_unet_baseline_has_similar_size():
