@@ -111,17 +111,24 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def dilation(zoom, D):
+    """The dilation of the conv stem's and head's 3x3 kernels at `zoom`, per axis: floor(f), at
+    least 1. Between integer zooms the kernel then never spans more than the extent it learned;
+    rounding up (round(1.5) = 2) lost far more than staying short (RESULTS.md, Default runs)."""
+    return tuple(max(1, math.floor(z)) for z in per_axis(zoom, D))
+
+
 def conv_gelu(conv, x, zoom, stride=1, groups=None):
     """`conv` (3x3, no padding of its own), then a norm and GELU: LayerNorm over each pixel's
     channels, or GroupNorm with `groups` groups. On the physical grid, at f times the training
-    resolution, the kernel is dilated by round(f) per axis, so that it spans the physical extent
-    it learned: exact for integer f (the dilated conv of an image upsampled f times is the
+    resolution, the kernel is dilated by about f per axis (`dilation`), so that it spans the
+    physical extent it learned: exact for integer f (the dilated conv of an image upsampled f times is the
     upsampled conv; a stride-2 one keeps the training outputs at every f-th position). The
     LayerNorm has no spatial statistics, so it stays exact after a stride-2 layer, where GroupNorm
     would see the f times denser grid; GroupNorm is exact on layers of stride 1 from the image
     on (an upsampled map has the statistics of the map)."""
     D = x.dim() - 2
-    d = tuple(max(1, round(z)) for z in per_axis(zoom, D))
+    d = dilation(zoom, D)
     x = getattr(F, f"conv{D}d")(x, conv.weight, conv.bias, stride=stride, padding=d, dilation=d)
     if groups:
         return F.gelu(F.group_norm(x, groups))
@@ -146,7 +153,7 @@ class ConvStem(nn.Module):
 
     def full_rows(self, x, zoom, lo, hi):
         """Rows [lo, hi) of the full-resolution map, from the rows of x its dilated kernel reaches."""
-        d = max(1, round(per_axis(zoom, x.dim() - 2)[0]))
+        d = dilation(zoom, x.dim() - 2)[0]
         return with_halo(lambda s: conv_gelu(self.at_full, s, zoom), x, lo, hi, d)
 
 
@@ -418,7 +425,7 @@ def up_and_conv(conv, y, skip_rows, size, zoom, then=None):
     then `then` if given. Without gradients by strips of rows, so that neither the upsampled map
     nor the concatenation (at 24 megapixels 4.6 GB for the last stage) exists whole."""
     s = [h // n for h, n in zip(size, y.shape[2:])]
-    halo = max(1, round(per_axis(zoom, len(s))[0]))                  # the conv's dilation along rows
+    halo = dilation(zoom, len(s))[0]                                  # the conv's, along rows
     then = then or (lambda t: t)
 
     def rows(lo, hi):               # lo, hi multiples of s[0]

@@ -310,6 +310,20 @@ def test_conv_stem_spans_the_same_physical_extent_at_f_times_the_resolution(D, f
         assert not torch.allclose(half_1[every_f], half, atol=1e-2)
 
 
+@pytest.mark.parametrize("zoom,undilated", [(1.5, True), (1.99, True), (2.5, False)])
+def test_conv_stem_never_dilates_beyond_the_zoom(zoom, undilated):
+    """Between integer zooms a 3x3 kernel cannot span exactly the extent it learned; it must
+    stay short of it (dilation floor(f)): rounding 1.5 up to 2 spanned 5 pixels where 4.5 were
+    learned, and cost 0.03 Dice on the default run's checkpoint (RESULTS.md)."""
+    from model import ConvStem
+    torch.manual_seed(0)
+    stem = ConvStem(3, (4, 8), 2)
+    x = torch.randn(1, 3, 12, 10)
+    with torch.no_grad():
+        full, full_1, full_2 = stem(x, zoom)[0], stem(x, 1)[0], stem(x, 2)[0]
+    assert torch.allclose(full, full_1 if undilated else full_2)
+
+
 @pytest.mark.parametrize("D,f", [(1, 3), (2, 2), (2, 3)])
 def test_full_resolution_stem_with_group_norm_is_exact_at_f_times_the_resolution(D, f):
     """Detection's stem: no stride, so on an image upsampled f times both maps, GroupNorm's
