@@ -56,12 +56,18 @@ def pad_to_multiple(x, m):
 STRIP_PIXELS = 2 ** 19
 
 
-def by_rows(layer, rows, row_pixels, step=1, dim=2):
-    """layer(lo, hi) computes rows [lo, hi) (along `dim`) of an output of `rows` rows, each worth
-    `row_pixels` pixels of a 16-channel map. With gradients, or when the output is small, one call;
-    otherwise strips of a multiple of `step` rows, written into one preallocated output."""
+def strip_rows(rows, row_pixels, step=1):
+    """Rows per strip for an output of `rows` rows, each worth `row_pixels` pixels of a 16-channel
+    map, a multiple of `step`; None for one pass (with gradients, or a small output)."""
     n = max(step, STRIP_PIXELS // max(1, row_pixels) // step * step)
-    if torch.is_grad_enabled() or n >= rows:
+    return None if torch.is_grad_enabled() or n >= rows else n
+
+
+def by_rows(layer, rows, row_pixels, step=1, dim=2):
+    """layer(lo, hi) computes rows [lo, hi) (along `dim`) of an output of `rows` rows: one call, or
+    strips of strip_rows(...) rows written into one preallocated output."""
+    n = strip_rows(rows, row_pixels, step)
+    if n is None:
         return layer(0, rows)
     first = layer(0, n)
     out = first.new_empty(first.shape[:dim] + (rows,) + first.shape[dim + 1:])
@@ -70,6 +76,11 @@ def by_rows(layer, rows, row_pixels, step=1, dim=2):
         hi = min(rows, lo + n)
         out.narrow(dim, lo, hi - lo).copy_(layer(lo, hi))
     return out
+
+
+def map_rows(x):
+    """(rows, pixels per row) of a map [B, C, *size]: what by_rows strips it by."""
+    return x.shape[2], math.prod(x.shape[3:])
 
 
 def with_halo(fn, x, lo, hi, halo):
@@ -122,11 +133,11 @@ def conv_gelu(conv, x, zoom, stride=1, groups=None):
     """`conv` (3x3, no padding of its own), then a norm and GELU: LayerNorm over each pixel's
     channels, or GroupNorm with `groups` groups. On the physical grid, at f times the training
     resolution, the kernel is dilated by about f per axis (`dilation`), so that it spans the
-    physical extent it learned: exact for integer f (the dilated conv of an image upsampled f times is the
-    upsampled conv; a stride-2 one keeps the training outputs at every f-th position). The
-    LayerNorm has no spatial statistics, so it stays exact after a stride-2 layer, where GroupNorm
-    would see the f times denser grid; GroupNorm is exact on layers of stride 1 from the image
-    on (an upsampled map has the statistics of the map)."""
+    physical extent it learned: exact for integer f (the dilated conv of an image upsampled f
+    times is the upsampled conv; a stride-2 one keeps the training outputs at every f-th
+    position). The LayerNorm has no spatial statistics, so it stays exact after a stride-2 layer,
+    where GroupNorm would see the f times denser grid; GroupNorm is exact on layers of stride 1
+    from the image on (an upsampled map has the statistics of the map)."""
     D = x.dim() - 2
     d = dilation(zoom, D)
     x = getattr(F, f"conv{D}d")(x, conv.weight, conv.bias, stride=stride, padding=d, dilation=d)
@@ -148,7 +159,7 @@ class ConvStem(nn.Module):
         self.at_full, self.down, self.at_half = conv(in_chans, w1, 3), conv(w1, w2, 3), conv(w2, w2, 3)
 
     def forward(self, x, zoom):
-        full = by_rows(lambda lo, hi: self.full_rows(x, zoom, lo, hi), x.shape[2], math.prod(x.shape[3:]))  # [B, w1, *size]
+        full = by_rows(lambda lo, hi: self.full_rows(x, zoom, lo, hi), *map_rows(x))     # [B, w1, *size]
         return full, conv_gelu(self.at_half, conv_gelu(self.down, full, zoom, stride=2), zoom)   # [B, w2, *size / 2]
 
     def full_rows(self, x, zoom, lo, hi):
@@ -221,9 +232,9 @@ class RAT(nn.Module):
             if self.conv_stem is not None:
                 x = pad_to_multiple(x, self.patch)
                 full, half = self.conv_stem(x, f)                       # half: [B, w2, *padded size_l / 2] (full: / 1)
-                # Without gradients the decoder computes the full-resolution map's rows again from
+                # In strips (by_rows) the decoder computes the full-resolution map's rows again from
                 # the stem's input (ConvStem.full_rows): 3 channels kept, not 16 (24 MP: 0.3 GB, not 1.5)
-                maps, x = (full if torch.is_grad_enabled() else x, half), half
+                maps, x = (full if strip_rows(*map_rows(x)) is None else x, half), half
             t = self.stem_tokens(x, f)                                  # [B, dim, *grid]
             grid, sp = tuple(t.shape[2:]), tuple(s * self.patch for s in sp)
             t = self.stem_norm(t.flatten(2).transpose(1, 2))            # [B, N, dim]
@@ -405,8 +416,8 @@ class RATSeg(nn.Module):
                         y.shape[1], y.shape[2] // 8, dim=1)
         crop = (...,) + tuple(slice(0, n) for n in size)
         if self.head == "conv":
-            full, half = stages[0][0][3]            # without gradients `full` is the stem's input (RAT.forward)
-            full_rows = ((lambda a, b: full[:, :, a:b]) if torch.is_grad_enabled() else
+            full, half = stages[0][0][3]            # in strips `full` is the stem's input (RAT.forward)
+            full_rows = ((lambda a, b: full[:, :, a:b]) if strip_rows(*map_rows(full)) is None else
                          functools.partial(self.backbone.conv_stem.full_rows, full, f))
             y = self.to_half(self.norm(y)).transpose(1, 2).reshape(B, -1, *grid)     # [B, w2, *grid]
             y = up_and_conv(self.up_half, y, lambda a, b: half[:, :, a:b], half.shape[2:], f)   # [B, w2, *padded / 2]

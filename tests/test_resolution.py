@@ -314,7 +314,7 @@ def test_conv_stem_spans_the_same_physical_extent_at_f_times_the_resolution(D, f
 def test_conv_stem_never_dilates_beyond_the_zoom(zoom, undilated):
     """Between integer zooms a 3x3 kernel cannot span exactly the extent it learned; it must
     stay short of it (dilation floor(f)): rounding 1.5 up to 2 spanned 5 pixels where 4.5 were
-    learned, and cost 0.03 Dice on the default run's checkpoint (RESULTS.md)."""
+    learned, and lost Dice against resizing (RESULTS.md, fractional zooms)."""
     from model import ConvStem
     torch.manual_seed(0)
     stem = ConvStem(3, (4, 8), 2)
