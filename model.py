@@ -15,6 +15,7 @@ by default the field of view is 1, so spacing = 1 / size (DESIGN.md section 1).
 
 import functools
 import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -28,6 +29,12 @@ from torchvision.models.detection.fcos import FCOSHead
 
 from rose import RoSE, grid_centers, positions, rotate, sincos_embedding
 from sga import MLP, SGA, per_axis
+
+# Back CPU tensors of 2 MB and more with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE,
+# read at the first such allocation; Linux only): without them a large image's full-resolution
+# maps spend much of their time in page faults (BENCHMARKS.md, Huge pages). An explicit
+# THP_MEM_ALLOC_ENABLE=0 keeps the default allocator.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 def default_strides(depth):
     """Group by 4, then by 2 twice, then keep the grid (stride 1), so that any depth
@@ -131,16 +138,25 @@ def dilation(zoom, D):
 
 def conv_gelu(conv, x, zoom, stride=1, groups=None):
     """`conv` (3x3, no padding of its own), then a norm and GELU: LayerNorm over each pixel's
-    channels, or GroupNorm with `groups` groups. On the physical grid, at f times the training
-    resolution, the kernel is dilated by about f per axis (`dilation`), so that it spans the
-    physical extent it learned: exact for integer f (the dilated conv of an image upsampled f
-    times is the upsampled conv; a stride-2 one keeps the training outputs at every f-th
-    position). The LayerNorm has no spatial statistics, so it stays exact after a stride-2 layer,
+    channels, or GroupNorm with `groups` groups. x: a map [B, C, *size], or a list of maps whose
+    channels in turn are the conv's input: a conv of each with its slice of the weight, summed,
+    the same numbers as the conv of their concatenation without its copy (a U-Net stage's
+    upsampled map and skip), forward and backward. Maps go channels-last (2D and 3D), so that
+    the per-pixel LayerNorm reads each pixel's channels contiguously instead of copying the map
+    (RESULTS.md, Cost, times both). On the physical grid, at f times the training resolution,
+    the kernel is dilated by about f per axis (`dilation`), so that it spans the physical extent
+    it learned: exact for integer f (the dilated conv of an image upsampled f times is the
+    upsampled conv; a stride-2 one keeps the training outputs at every f-th position). The LayerNorm has no spatial statistics, so it stays exact after a stride-2 layer,
     where GroupNorm would see the f times denser grid; GroupNorm is exact on layers of stride 1
     from the image on (an upsampled map has the statistics of the map)."""
-    D = x.dim() - 2
-    d = dilation(zoom, D)
-    x = getattr(F, f"conv{D}d")(x, conv.weight, conv.bias, stride=stride, padding=d, dilation=d)
+    maps = x if isinstance(x, list) else [x]
+    D = maps[0].dim() - 2
+    d, layout = dilation(zoom, D), {2: torch.channels_last, 3: torch.channels_last_3d}.get(D, torch.contiguous_format)
+    weights = conv.weight.split([m.shape[1] for m in maps], dim=1)
+    conv_nd = functools.partial(getattr(F, f"conv{D}d"), stride=stride, padding=d, dilation=d)
+    x = conv_nd(maps[0].contiguous(memory_format=layout), weights[0], conv.bias)
+    for m, w in zip(maps[1:], weights[1:]):
+        x = x.add_(conv_nd(m.contiguous(memory_format=layout), w))   # in place: a conv keeps no output for backward
     if groups:
         return F.gelu(F.group_norm(x, groups))
     return F.gelu(F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1))
@@ -432,9 +448,9 @@ class RATSeg(nn.Module):
 
 def up_and_conv(conv, y, skip_rows, size, zoom, then=None):
     """A U-Net decoder stage: y [B, c, *low] upsampled (nearest) to the skip's size (an integer
-    factor per axis), concatenated with the skip, whose rows [a, b) are skip_rows(a, b), conv_gelu,
+    factor per axis), beside the skip, whose rows [a, b) are skip_rows(a, b), conv_gelu,
     then `then` if given. Without gradients by strips of rows, so that neither the upsampled map
-    nor the concatenation (at 24 megapixels 4.6 GB for the last stage) exists whole."""
+    nor the last stage's input (at 24 megapixels 4.6 GB) exists whole."""
     s = [h // n for h, n in zip(size, y.shape[2:])]
     halo = dilation(zoom, len(s))[0]                                  # the conv's, along rows
     then = then or (lambda t: t)
@@ -443,7 +459,7 @@ def up_and_conv(conv, y, skip_rows, size, zoom, then=None):
         a, b = max(0, lo - halo), min(size[0], hi + halo)
         first = a // s[0]
         up = F.interpolate(y[:, :, first:-(-b // s[0])], scale_factor=s, mode="nearest")[:, :, a - first * s[0]:]
-        out = conv_gelu(conv, torch.cat([up[:, :, :b - a], skip_rows(a, b)], dim=1), zoom)
+        out = conv_gelu(conv, [up[:, :, :b - a], skip_rows(a, b)], zoom)
         return then(out[:, :, lo - a:hi - a])
 
     return by_rows(rows, size[0], math.prod(size[1:]), step=s[0])

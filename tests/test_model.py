@@ -90,6 +90,26 @@ def test_inference_in_strips_gives_the_one_pass_logits(monkeypatch, D, zoom):
     assert torch.allclose(strips, whole, atol=1e-5), (strips - whole).abs().max()
 
 
+@pytest.mark.parametrize("D", [1, 2, 3])
+def test_conv_on_a_list_of_maps_is_the_conv_of_their_concatenation(D):
+    # A U-Net stage's upsampled map and skip are convolved apart with their slices of one weight
+    # and summed (no concatenated copy), on channels-last maps: the same output and gradients,
+    # for the maps and the weight, as the conv of the concatenation.
+    from model import conv_gelu
+    torch.manual_seed(0)
+    conv = getattr(torch.nn, f"Conv{D}d")(7, 4, 3).double()       # double: the norm amplifies rounding
+    maps = [torch.randn(2, c, *(9, 6, 5)[:D], dtype=torch.float64, requires_grad=True) for c in (5, 2)]
+    outs, grads = [], []
+    for x in (maps, torch.cat(maps, dim=1)):
+        out = conv_gelu(conv, x, 1)
+        gy = torch.autograd.grad(out.pow(2).sum(), maps + [conv.weight, conv.bias])
+        outs.append(out)
+        grads.append(gy)
+    assert torch.allclose(outs[0], outs[1], atol=1e-10)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-8)
+
+
 def test_unet_baseline_has_similar_size():
     kw = dict(dim=64, depth=4, heads=4)
     rat, unet = build_seg_model("rat", **kw), build_seg_model("unet", **kw)
