@@ -36,6 +36,7 @@ from sga import MLP, SGA, per_axis
 # THP_MEM_ALLOC_ENABLE=0 keeps the default allocator.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+
 def default_strides(depth):
     """Group by 4, then by 2 twice, then keep the grid (stride 1), so that any depth
     works on small images. The first global attention then sees 1/256 of the
@@ -143,12 +144,13 @@ def conv_gelu(conv, x, zoom, stride=1, groups=None):
     the same numbers as the conv of their concatenation without its copy (a U-Net stage's
     upsampled map and skip), forward and backward. Maps go channels-last (2D and 3D), so that
     the per-pixel LayerNorm reads each pixel's channels contiguously instead of copying the map
-    (RESULTS.md, Cost, times both). On the physical grid, at f times the training resolution,
-    the kernel is dilated by about f per axis (`dilation`), so that it spans the physical extent
-    it learned: exact for integer f (the dilated conv of an image upsampled f times is the
-    upsampled conv; a stride-2 one keeps the training outputs at every f-th position). The LayerNorm has no spatial statistics, so it stays exact after a stride-2 layer,
-    where GroupNorm would see the f times denser grid; GroupNorm is exact on layers of stride 1
-    from the image on (an upsampled map has the statistics of the map)."""
+    (RESULTS.md, "Exact speed-ups", times both). On the physical grid, at f times the training
+    resolution, the kernel is dilated by about f per axis (`dilation`), so that it spans the
+    physical extent it learned: exact for integer f (the dilated conv of an image upsampled f
+    times is the upsampled conv; a stride-2 one keeps the training outputs at every f-th
+    position). The LayerNorm has no spatial statistics, so it stays exact after a stride-2
+    layer, where GroupNorm would see the f times denser grid; GroupNorm is exact on layers of
+    stride 1 from the image on (an upsampled map has the statistics of the map)."""
     maps = x if isinstance(x, list) else [x]
     D = maps[0].dim() - 2
     d, layout = dilation(zoom, D), {2: torch.channels_last, 3: torch.channels_last_3d}.get(D, torch.contiguous_format)

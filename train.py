@@ -382,7 +382,7 @@ def build_optimizer(model, args, total_steps):
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "freqs" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "freqs" in n]
     # fused: one kernel over every parameter, not a loop over them: RAT has many small ones,
-    # and on a CPU the loop was a visible share of a small step (RESULTS.md, Cost)
+    # and on a CPU the loop was a visible share of a small step (RESULTS.md, "Exact speed-ups")
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=True)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup))
