@@ -137,31 +137,51 @@ def dilation(zoom, D):
     return tuple(max(1, math.floor(z)) for z in per_axis(zoom, D))
 
 
-def conv_gelu(conv, x, zoom, stride=1, groups=None):
+def conv_gelu(conv, x, zoom, stride=1, groups=None, up=None):
     """`conv` (3x3, no padding of its own), then a norm and GELU: LayerNorm over each pixel's
-    channels, or GroupNorm with `groups` groups. x: a map [B, C, *size], or a list of maps whose
-    channels in turn are the conv's input: a conv of each with its slice of the weight, summed,
-    the same numbers as the conv of their concatenation without its copy (a U-Net stage's
-    upsampled map and skip), forward and backward. Maps go channels-last (2D and 3D), so that
-    the per-pixel LayerNorm reads each pixel's channels contiguously instead of copying the map
-    (RESULTS.md, "Exact speed-ups", times both). On the physical grid, at f times the training
-    resolution, the kernel is dilated by about f per axis (`dilation`), so that it spans the
-    physical extent it learned: exact for integer f (the dilated conv of an image upsampled f
-    times is the upsampled conv; a stride-2 one keeps the training outputs at every f-th
-    position). The LayerNorm has no spatial statistics, so it stays exact after a stride-2
-    layer, where GroupNorm would see the f times denser grid; GroupNorm is exact on layers of
-    stride 1 from the image on (an upsampled map has the statistics of the map)."""
-    maps = x if isinstance(x, list) else [x]
-    D = maps[0].dim() - 2
+    channels, or GroupNorm with `groups` groups. x: a map [B, C, *size]. `up` = (y, s): a map
+    [B, c, *size / s] whose nearest upsampling by s (an integer per axis) takes the conv's first c
+    input channels, before x's (a U-Net stage's upsampled map beside its skip). It is convolved
+    at its own resolution, as a transposed conv of stride s (upsampled_kernel): the same numbers
+    as the conv of the concatenation, forward and backward, without the upsampled map and at a
+    fraction of the cost (RESULTS.md, "Exact speed-ups", times both). Maps go channels-last (2D
+    and 3D), so that the per-pixel LayerNorm reads each pixel's channels contiguously instead of
+    copying the map. On the physical grid, at f times the training resolution, the kernel is
+    dilated by about f per axis (`dilation`), so that it spans the physical extent it learned:
+    exact for integer f (the dilated conv of an image upsampled f times is the upsampled conv;
+    a stride-2 one keeps the training outputs at every f-th position). The LayerNorm has no
+    spatial statistics, so it stays exact after a stride-2 layer, where GroupNorm would see the
+    f times denser grid; GroupNorm is exact on layers of stride 1 from the image on (an
+    upsampled map has the statistics of the map)."""
+    D = x.dim() - 2
     d, layout = dilation(zoom, D), {2: torch.channels_last, 3: torch.channels_last_3d}.get(D, torch.contiguous_format)
-    weights = conv.weight.split([m.shape[1] for m in maps], dim=1)
-    conv_nd = functools.partial(getattr(F, f"conv{D}d"), stride=stride, padding=d, dilation=d)
-    x = conv_nd(maps[0].contiguous(memory_format=layout), weights[0], conv.bias)
-    for m, w in zip(maps[1:], weights[1:]):
-        x = x.add_(conv_nd(m.contiguous(memory_format=layout), w))   # in place: a conv keeps no output for backward
+    weight = conv.weight
+    if up is not None:
+        y, s = up
+        w_up, weight = weight.split([y.shape[1], x.shape[1]], dim=1)
+        y = getattr(F, f"conv_transpose{D}d")(y.contiguous(memory_format=layout), upsampled_kernel(w_up, s, d),
+                                              stride=s, padding=d)                # [B, C_out, *size]
+    x = getattr(F, f"conv{D}d")(x.contiguous(memory_format=layout), weight, conv.bias, stride=stride, padding=d,
+                                dilation=d)
+    if up is not None:
+        x = x.add_(y)                   # in place: neither conv keeps its output for backward
     if groups:
         return F.gelu(F.group_norm(x, groups))
     return F.gelu(F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1))
+
+
+def upsampled_kernel(weight, s, d):
+    """The transposed-conv kernel (stride s, padding d) whose output is `weight`'s 3x3 conv,
+    dilated d, of the input's nearest upsampling by s. That conv's output pixel i reads tap k
+    (k = -1, 0, 1) from input pixel (i + d k) // s, and a transposed conv's reads input m through
+    its tap t = i + d - s m, so per axis tap t is the sum of the taps k with
+    0 <= t - d + d k < s. For d < s several taps land on one input pixel: s^D outputs share
+    about 2^D input pixels instead of reading 3^D each. weight [C_out, C_in, 3, ...] ->
+    [C_in, C_out, s + 2 d, ...]."""
+    for s_a, d_a in zip(s, d):                                      # contracts axis 2, appends axis t
+        t = torch.arange(s_a + 2 * d_a)[:, None] - d_a + d_a * torch.arange(-1, 2)
+        weight = torch.tensordot(weight, ((t >= 0) & (t < s_a)).to(weight.dtype), dims=([2], [1]))
+    return weight.transpose(0, 1)
 
 
 class ConvStem(nn.Module):
@@ -450,18 +470,17 @@ class RATSeg(nn.Module):
 
 def up_and_conv(conv, y, skip_rows, size, zoom, then=None):
     """A U-Net decoder stage: y [B, c, *low] upsampled (nearest) to the skip's size (an integer
-    factor per axis), beside the skip, whose rows [a, b) are skip_rows(a, b), conv_gelu,
-    then `then` if given. Without gradients by strips of rows, so that neither the upsampled map
-    nor the last stage's input (at 24 megapixels 4.6 GB) exists whole."""
+    factor s per axis), beside the skip, whose rows [a, b) are skip_rows(a, b), conv_gelu (which
+    convolves y at its own resolution), then `then` if given. Without gradients by strips of
+    rows that start on a row of y, so that the stage's output (at 24 megapixels 1.5 GB before its
+    norm and GELU) never exists whole."""
     s = [h // n for h, n in zip(size, y.shape[2:])]
-    halo = dilation(zoom, len(s))[0]                                  # the conv's, along rows
+    halo = -(-dilation(zoom, len(s))[0] // s[0]) * s[0]      # the conv's reach along rows, in whole rows of y
     then = then or (lambda t: t)
 
     def rows(lo, hi):               # lo, hi multiples of s[0]
         a, b = max(0, lo - halo), min(size[0], hi + halo)
-        first = a // s[0]
-        up = F.interpolate(y[:, :, first:-(-b // s[0])], scale_factor=s, mode="nearest")[:, :, a - first * s[0]:]
-        out = conv_gelu(conv, [up[:, :, :b - a], skip_rows(a, b)], zoom)
+        out = conv_gelu(conv, skip_rows(a, b), zoom, up=(y[:, :, a // s[0]:b // s[0]], s))
         return then(out[:, :, lo - a:hi - a])
 
     return by_rows(rows, size[0], math.prod(size[1:]), step=s[0])

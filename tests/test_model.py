@@ -90,21 +90,25 @@ def test_inference_in_strips_gives_the_one_pass_logits(monkeypatch, D, zoom):
     assert torch.allclose(strips, whole, atol=1e-5), (strips - whole).abs().max()
 
 
-@pytest.mark.parametrize("D", [1, 2, 3])
-def test_conv_on_a_list_of_maps_is_the_conv_of_their_concatenation(D):
-    # A U-Net stage's upsampled map and skip are convolved apart with their slices of one weight
-    # and summed (no concatenated copy), on channels-last maps: the same output and gradients,
-    # for the maps and the weight, as the conv of the concatenation.
+@pytest.mark.parametrize("D, s, d", [(1, 2, 1), (2, 2, 1), (2, 4, 2), (2, 2, 3), (3, 2, 2), (2, (2, 4), (1, 3))])
+def test_conv_of_an_upsampled_map_at_its_own_resolution_is_the_conv_of_the_concatenation(D, s, d):
+    # A U-Net stage's low-resolution map y is convolved at its own resolution (a transposed conv
+    # of stride s) beside its skip: the same output and gradients, for both maps and the weight,
+    # as the conv of the skip concatenated after y upsampled (nearest) by s, at dilation d
+    # (the zoom d, with d below, at and above s; anisotropic in the last case).
     from model import conv_gelu
     torch.manual_seed(0)
+    s, d = [s] * D if isinstance(s, int) else s, [d] * D if isinstance(d, int) else d
     conv = getattr(torch.nn, f"Conv{D}d")(7, 4, 3).double()       # double: the norm amplifies rounding
-    maps = [torch.randn(2, c, *(9, 6, 5)[:D], dtype=torch.float64, requires_grad=True) for c in (5, 2)]
+    low = torch.randn(2, 5, *(5, 3, 2)[:D], dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 2, *[n * f for n, f in zip(low.shape[2:], s)], dtype=torch.float64, requires_grad=True)
+    zoom = [float(z) for z in d]
     outs, grads = [], []
-    for x in (maps, torch.cat(maps, dim=1)):
-        out = conv_gelu(conv, x, 1)
-        gy = torch.autograd.grad(out.pow(2).sum(), maps + [conv.weight, conv.bias])
+    for out in (conv_gelu(conv, skip, zoom, up=(low, s)),
+                conv_gelu(conv, torch.cat([F.interpolate(low, scale_factor=s, mode="nearest"), skip], dim=1), zoom)):
         outs.append(out)
-        grads.append(gy)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), [low, skip, conv.weight, conv.bias]))
+    assert outs[0].shape == skip.shape[:1] + (4,) + skip.shape[2:]
     assert torch.allclose(outs[0], outs[1], atol=1e-10)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-8)
