@@ -652,16 +652,20 @@ class ConvFPN(BackboneWithFPN):
 def set_detector_size(detector, size):
     """Have the detector keep inputs of `size` px, an int (square) or (h, w): its transform
     resizes every image to fit min_size and max_size (here the image's own sides), and
-    RATBackbone reads the real image out of the padded batch. On RAT's physical grid an image
-    coarser than training on an axis is upsampled (aspect kept) until no axis is, as RATSeg does:
-    a kernel cannot shrink below a pixel. The transform maps the boxes back to the image."""
+    RATBackbone reads the real image out of the padded batch. On RAT's physical grid the
+    transform resamples the image, per axis, to the nearest integer zoom of at least 1: only
+    there are the strides and the stem's dilation exact (DESIGN.md section 8). Between them the
+    first grouping stride rounds and boxes were found but mislocated (RESULTS.md, Resolution
+    sweep); below 1 a kernel cannot shrink below a pixel, so the image goes up to the training
+    pitch, as in RATSeg. The transform maps the boxes back to the image."""
     h, w = per_axis(size, 2)
     transform, backbone = detector.transform, detector.backbone
     transform.min_size, transform.max_size, transform.fixed_size = (min(h, w),), max(h, w), None
     if isinstance(backbone, RATBackbone):
-        up = max(1.0, *(1 / z for z in backbone.body.zoom((h, w))))
-        if up > 1:
-            h, w = round(h * up), round(w * up)
+        ref = per_axis(backbone.body.ref_size or (h, w), 2)
+        exact = tuple(max(1, math.floor(z + 0.5)) * r for z, r in zip(backbone.body.zoom((h, w)), ref))
+        if exact != (h, w):
+            h, w = exact
             transform.fixed_size = (w, h)
         backbone.image_size = (h, w)
         # FCOS regresses box sides in units of the anchor's width and height: on the physical

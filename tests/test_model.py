@@ -70,7 +70,7 @@ def test_coarse_levels_reach_the_output():
 
 
 @pytest.mark.parametrize("D", [2, 3])
-@pytest.mark.parametrize("zoom", [1, 2, 1.5])
+@pytest.mark.parametrize("zoom", [1, 2, 1.5, 3])
 def test_inference_in_strips_gives_the_one_pass_logits(monkeypatch, D, zoom):
     # Without gradients the full-resolution layers, the stem's patch projection and the decoder run
     # by strips of rows (model.by_rows), and the head computes the stem's full-resolution map again

@@ -204,23 +204,29 @@ def test_detector_keeps_the_training_grid_and_box_units_at_any_size():
     with torch.no_grad():
         boxes = physical([torch.rand(3, 128, 128)])[0]["boxes"]   # the whole detector runs at 2x
     assert boxes.shape[1] == 4 and bool((boxes <= 128).all())
-    # 1.5x: strides 6 to 48 px, which the usual padding to 32 px does not divide
-    set_detector_size(physical, 96)
+    # 3x: strides 12 to 96 px, anchors spaced by them on the padded batch
+    set_detector_size(physical, 192)
     with torch.no_grad():
-        images, _ = physical.transform([torch.rand(3, 96, 96)])
+        images, _ = physical.transform([torch.rand(3, 192, 192)])
         feats = list(physical.backbone(images.tensors).values())
         anchors = physical.anchor_generator(images, feats)[0]
-    assert [f.shape[-1] * s for f, s in zip(feats, (6, 12, 24, 48))] == [images.tensors.shape[-1]] * 4
-    for feat, stride in zip(feats, (6, 12, 24, 48)):
+    assert tuple(images.image_sizes[0]) == (192, 192)
+    assert [f.shape[-1] * s for f, s in zip(feats, (12, 24, 48, 96))] == [images.tensors.shape[-1]] * 4
+    for feat, stride in zip(feats, (12, 24, 48, 96)):
         centres = (anchors[:feat.shape[-1], 0] + anchors[:feat.shape[-1], 2]) / 2   # the first row of this map
         anchors = anchors[feat.shape[-2] * feat.shape[-1]:]
         assert torch.allclose(centres.diff(), torch.tensor(float(stride))), (stride, centres)
 
 
 @pytest.mark.slow
-def test_detector_upsamples_an_image_coarser_than_training():
-    # 0.75x: a kernel cannot shrink below a pixel, so the image goes up to the training pitch
-    # (the backbone sees the training grid) and the boxes come back in the image's pixels.
+@pytest.mark.parametrize("size,exact", [((24, 24), (32, 32)), ((48, 48), (64, 64)), ((40, 40), (32, 32)),
+                                        ((56, 32), (64, 32))])
+def test_detector_resamples_the_image_to_the_nearest_integer_zoom(size, exact):
+    # Trained at 32 px. Only integer zooms are exact on the physical grid: at 1.5x (48 px) the
+    # image goes up to 2x, at 1.25x (40 px) down to 1x, at 1.75x on one axis up to 2x on that one,
+    # and at 0.75x (a kernel cannot shrink below a pixel) up to the training pitch. The backbone
+    # sees that size, the anchors zoom with it, and the boxes come back in the image's pixels:
+    # the same boxes as resizing by hand.
     import train
     from model import set_detector_size
     args = train.fill_defaults(train.get_args_parser().parse_args(
@@ -228,16 +234,17 @@ def test_detector_upsamples_an_image_coarser_than_training():
     args.num_classes = 3
     det = build_model(vars(args)).eval()
     det.score_thresh = 0.0
-    image = torch.rand(3, 24, 24)
-    set_detector_size(det, 24)
+    torch.manual_seed(0)
+    image = torch.rand(3, *size)
+    set_detector_size(det, size)
     seen = []
     det.backbone.body.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0][0].shape[2:])))
     with torch.no_grad():
-        boxes = det([image])[0]["boxes"]
-        assert seen == [(32, 32)] and det.anchor_generator.sizes[0] == (4.0,)
-        set_detector_size(det, 32)   # the same by hand: upsampled to 32 px, the boxes scaled back
-        up = F.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
-        by_hand = det([up])[0]["boxes"] * 24 / 32
+        boxes, sizes = det([image])[0]["boxes"], det.anchor_generator.sizes
+        assert seen == [exact] and sizes[0] == (4.0 * (exact[0] * exact[1]) ** 0.5 / 32,)
+        set_detector_size(det, exact)   # the same by hand: resized, the boxes scaled back
+        resized = F.interpolate(image[None], size=exact, mode="bilinear", align_corners=False)[0]
+        by_hand = det([resized])[0]["boxes"] * torch.tensor([size[1] / exact[1], size[0] / exact[0]] * 2)
     assert len(boxes) > 0 and torch.allclose(boxes, by_hand, atol=1e-4)
 
 
