@@ -179,7 +179,8 @@ def upsampled_kernel(weight, s, d):
     about 2^D input pixels instead of reading 3^D each. weight [C_out, C_in, 3, ...] ->
     [C_in, C_out, s + 2 d, ...]."""
     for s_a, d_a in zip(s, d):                                      # contracts axis 2, appends axis t
-        t = torch.arange(s_a + 2 * d_a)[:, None] - d_a + d_a * torch.arange(-1, 2)
+        t = (torch.arange(s_a + 2 * d_a, device=weight.device)[:, None] - d_a
+             + d_a * torch.arange(-1, 2, device=weight.device))
         weight = torch.tensordot(weight, ((t >= 0) & (t < s_a)).to(weight.dtype), dims=([2], [1]))
     return weight.transpose(0, 1)
 

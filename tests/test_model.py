@@ -114,6 +114,24 @@ def test_conv_of_an_upsampled_map_at_its_own_resolution_is_the_conv_of_the_conca
         assert torch.allclose(a, b, atol=1e-8)
 
 
+def test_upsampled_kernel_is_built_on_the_weights_device():
+    # On a GPU the tap masks must live beside the weight: no op may mix devices. A weight on the
+    # meta device stands in for a CUDA one, and a dispatch mode checks every op's tensors.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from model import upsampled_kernel
+
+    class OneDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            devices = {a.device for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+            assert len(devices) <= 1, (func, devices)
+            return func(*args, **(kwargs or {}))
+
+    with OneDevice():
+        kernel = upsampled_kernel(torch.empty(4, 5, 3, 3, device="meta"), (2, 2), (1, 1))
+    assert kernel.shape == (5, 4, 4, 4) and kernel.device.type == "meta"
+
+
 def test_unet_baseline_has_similar_size():
     kw = dict(dim=64, depth=4, heads=4)
     rat, unet = build_seg_model("rat", **kw), build_seg_model("unet", **kw)
