@@ -64,65 +64,43 @@ def neighbour_offsets(D, radius):
     return list(itertools.product(range(2 * radius + 1), repeat=D))
 
 
-def _gather(g, grid, radius):
-    B, _, C = g.shape
-    offsets = neighbour_offsets(len(grid), radius)
-    gp = F.pad(g.reshape(B, *grid, C), [0, 0] + [radius, radius] * len(grid))
-    out = g.new_empty(B, *grid, len(offsets), C)
-    for k, off in enumerate(offsets):     # written in place: no stack, no K zero-filled slice gradients
-        out[..., k, :] = gp[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(off, grid))]
-    return out.reshape(B, -1, len(offsets), C)
+def _neighbour_index(grid, radius, device):
+    """[M * K] long: for each group of `grid` (row-major), the flat indices of its K = (2r+1)^D
+    neighbours, M (one past the last group) where a neighbour falls outside the grid."""
+    M = math.prod(grid)
+    padded = F.pad(torch.arange(M, device=device).reshape(grid), [radius, radius] * len(grid), value=M)
+    return torch.stack([padded[tuple(slice(o, o + n) for o, n in zip(off, grid))].reshape(M)
+                        for off in neighbour_offsets(len(grid), radius)], dim=1).reshape(-1)
 
 
-def _scatter(w, grid, radius):
-    B, _, K, C = w.shape
-    w = w.reshape(B, *grid, K, C)
-    out = w[..., K // 2, :].clone()       # the centre (offset 0) covers the whole grid: no zero fill
-    for k, off in enumerate(neighbour_offsets(len(grid), radius)):
-        delta = [o - radius for o in off]
-        if k == K // 2 or any(abs(e) >= n for e, n in zip(delta, grid)):
-            continue
-        dst = tuple(slice(max(0, e), n + min(0, e)) for e, n in zip(delta, grid))
-        src = tuple(slice(max(0, -e), n - max(0, e)) for e, n in zip(delta, grid))
-        out[(slice(None),) + dst] += w[(slice(None),) + src + (k,)]
-    return out.reshape(B, -1, C)
+@functools.lru_cache(maxsize=64)
+def _cached_neighbour_index(grid, radius, device):
+    with torch.inference_mode(False):   # cached: must stay usable by autograd later
+        return _neighbour_index(grid, radius, device)
 
 
-class _Gather(torch.autograd.Function):
-    """gather and scatter are each other's adjoint, so each is the other's backward
-    (autograd of the slicing would zero-fill a full-size gradient per neighbour)."""
-
-    @staticmethod
-    def forward(ctx, g, grid, radius):
-        ctx.grid, ctx.radius = grid, radius
-        return _gather(g, grid, radius)
-
-    @staticmethod
-    def backward(ctx, w):
-        return _Scatter.apply(w, ctx.grid, ctx.radius), None, None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, grid, radius):
-        ctx.grid, ctx.radius = grid, radius
-        return _scatter(w, grid, radius)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _Gather.apply(g.contiguous(), ctx.grid, ctx.radius), None, None
+def neighbour_index(grid, radius, device):
+    index = _neighbour_index if torch.compiler.is_compiling() else _cached_neighbour_index   # compile: traced
+    return index(tuple(grid), radius, device)
 
 
 def gather_neighbours(g, grid, radius):
     """g: [B, M, C] on `grid` -> [B, M, K, C]: for each group, its K = (2r+1)^D
-    neighbours (zeros outside the grid)."""
-    return _Gather.apply(g, tuple(grid), radius)
+    neighbours (zeros outside the grid). One index_select from the groups and a zero row: a
+    handful of ops at any grid (a loop over the K shifted slices cost 2 K ops per call, a
+    third of the segmentation model's), and autograd's backward is one index_add."""
+    B, M, C = g.shape
+    index = neighbour_index(grid, radius, g.device)
+    return torch.cat([g, g.new_zeros(B, 1, C)], dim=1).index_select(1, index).view(B, M, -1, C)
 
 
 def scatter_neighbours(w, grid, radius):
     """Adjoint of gather_neighbours: w [B, M, K, C] -> [B, M, C], where entry
-    (m, k) is added to the k-th neighbour of group m."""
-    return _Scatter.apply(w, tuple(grid), radius)
+    (m, k) is added to the k-th neighbour of group m (entries outside the grid land on the
+    extra row, dropped)."""
+    B, M, K, C = w.shape
+    index = neighbour_index(grid, radius, w.device)
+    return w.new_zeros(B, M + 1, C).index_add_(1, index, w.reshape(B, M * K, C))[:, :M]
 
 
 def head_blocks(t, grid, stride, heads):

@@ -136,3 +136,18 @@ def test_peers_run_side_by_side_and_the_reference_training_failure_is_reported(m
     # with one image, a single-token stage (32 px: grids 11, 4, 2, 1) breaks its autograd; RAT still trains
     r = bench_peers.run_peers(a, ["reference", "rat-p1"], 32, 1, train=True)
     assert "inplace" in r["reference"]["error"] and r["rat-p1"]["s"] > 0
+
+
+def test_step_ab_times_the_model_the_default_run_trains():
+    """tools/step_ab.py's 64 px case is `python train.py --task seg`'s model (it once built RAT's
+    own default strides, 4,2,2,1, where the default run groups by 2,2,2,1)."""
+    import model
+    import train
+    from tools import step_ab
+
+    args = train.fill_defaults(train.get_args_parser().parse_args(["--task", "seg"]))
+    size, batch, build = step_ab.CASES[0]
+    timed, trained = build(model), model.build_model(vars(args))
+    assert (size, batch) == (args.image_size, args.batch_size)
+    assert [s.stride for s in timed.backbone.sgas] == [s.stride for s in trained.backbone.sgas]
+    assert model.num_params(timed) == model.num_params(trained)

@@ -1,7 +1,8 @@
 """Is a change to model.py an exact speed-up? The segmentation training step (forward,
 backward, fused AdamW) of the RAT in model.py at a git revision against the working tree's,
 both built from one seed and interleaved in one process, with their largest logit difference:
-at 64 px the default run's model (dim 64, batch 16), at 512 px bench.py's (dim 128, batch 2).
+at 64 px the default run's model (`python train.py --task seg`, batch 16), at 512 px bench.py's
+(dim 128, batch 2).
 
     python tools/step_ab.py 5f2a930      # the revision before conv_gelu took a list of maps
 """
@@ -18,8 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
 import model  # noqa: E402
+import train  # noqa: E402
 
-CASES = [(64, 16, dict(ref_size=64, dim=64, depth=4, heads=4)), (512, 2, bench.RAT)]
+DEFAULT_RUN = vars(train.fill_defaults(train.get_args_parser().parse_args(["--task", "seg"])))
+CASES = [(64, 16, lambda m: m.build_model(DEFAULT_RUN)), (512, 2, lambda m: m.build_seg_model("rat", **bench.RAT))]
 
 
 def model_at(rev, folder):
@@ -49,11 +52,11 @@ def main():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     with tempfile.TemporaryDirectory() as folder:
         modules = {a.rev: model_at(a.rev, folder), "working tree": model}
-    for size, batch, kw in CASES:
+    for size, batch, build in CASES:
         nets = {}
         for name, module in modules.items():
             torch.manual_seed(0)
-            nets[name] = module.build_seg_model("rat", **kw)
+            nets[name] = build(module)
         opts = {name: torch.optim.AdamW(net.parameters(), fused=True) for name, net in nets.items()}
         x = bench.levels(size, batch)
         with torch.no_grad():
