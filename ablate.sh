@@ -15,7 +15,8 @@
 # Presets (PRESET=...):
 #   cpu   (default) the component study: one change at a time from the default model
 #         (variants default, scales_1_0.5, scales_1_0.5_0.25, pe_rope|absolute|none, sga_dense|
-#         none, stem_patch, head_refine, grid_pixel, depth_2|6|8, dim_DIM/2, dim_3*DIM/2, unet),
+#         none, sga_iters_3, stem_patch, head_refine, grid_pixel, depth_2|6|8, dim_DIM/2, dim_3*DIM/2,
+#         unet),
 #         evaluated at 0.5x, 1x, 2x, 4x IMAGE_SIZE natively and resized to IMAGE_SIZE, the
 #         default also with --ignore-spacing; the table pairs each variant with the default of
 #         the same seed. Synthetic data, 64 px, 600 train / 100 val, 6 epochs, batch 16, dim 64,
@@ -106,6 +107,7 @@ COMPONENT_VARIANTS=(
   "pe_none|--pe none"
   "sga_dense|--sga dense"
   "sga_none|--sga none"
+  "sga_iters_3|--sga-iters 3"
   "stem_patch|--stem patch --head refine"
   "head_refine|--head refine"
   "grid_pixel|--token-grid pixel"

@@ -544,7 +544,7 @@ def sec_compile(a):
 # The ISIC recipe's model (README, Datasets): what a user segments their own photos with
 ISIC_PRESET = dict(task="seg", model="rat", image_size=256, scales=[1.0, 0.5], pe="rose", sga="local", depth=4, dim=128,
                    heads=8, patch=4, strides=[2, 2, 2, 1], dropout=0.1, num_classes=1, token_grid="physical",
-                   head="conv", stem="conv")
+                   head="conv", stem="conv", sga_iters=1)
 
 
 def photo_size(megapixels):

@@ -404,11 +404,14 @@ class RATSeg(nn.Module):
     physical grid they zoom as the stem does (conv_gelu). `refine` and `linear` (checkpoints from
     before the conv stem): each stem token predicts its P^D pixels (cells_to_pixels), which
     `refine` corrects with two 16-channel 3x3 convs on the image and the coarse probability and
-    `linear` with one 3x3 conv on the image."""
+    `linear` with one 3x3 conv on the image.
 
-    def __init__(self, num_classes=1, in_chans=3, head="conv", stem="conv", **rat):
+    Each SGA groups in one round (sga_iters) where the detector keeps RAT's three: further rounds
+    bought the default run no Dice and cost time (RESULTS.md, closing the gap to the U-Net)."""
+
+    def __init__(self, num_classes=1, in_chans=3, head="conv", stem="conv", sga_iters=1, **rat):
         super().__init__()
-        self.backbone = RAT(in_chans=in_chans, stem=stem, **rat)
+        self.backbone = RAT(in_chans=in_chans, stem=stem, sga_iters=sga_iters, **rat)
         dim, D, P = self.backbone.dim, self.backbone.spatial_dims, self.backbone.patch
         if head == "conv" and stem != "conv":
             raise ValueError("--head conv decodes onto the conv stem's maps: it needs --stem conv")
@@ -789,16 +792,17 @@ def fcos(backbone, strides, mean, std, num_classes, image_size, head_convs):
 # Architecture arguments: train.py stores them in every checkpoint (with the other
 # flags), so that eval.py rebuilds the same model from the checkpoint alone.
 ARCH = ("task", "model", "image_size", "scales", "pe", "sga", "depth", "dim", "heads", "patch", "strides",
-        "dropout", "num_classes", "token_grid", "head", "stem")
+        "dropout", "num_classes", "token_grid", "head", "stem", "sga_iters")
 # What checkpoints from before an argument existed were trained with (--head is seg RAT's only).
-LEGACY_ARCH = {"token_grid": "pixel", "head": "linear", "stem": "patch"}
+LEGACY_ARCH = {"token_grid": "pixel", "head": "linear", "stem": "patch", "sga_iters": 3}
 
 
 def build_model(arch):
     """The model that a dict of ARCH arguments (train.py's flags) describes."""
     rat = dict(dim=arch["dim"], depth=arch["depth"], heads=arch["heads"], patch=arch["patch"],
                strides=arch["strides"], pe=arch["pe"], sga=arch["sga"], dropout=arch["dropout"],
-               ref_size=arch["image_size"] if arch["token_grid"] == "physical" else None, stem=arch["stem"])
+               ref_size=arch["image_size"] if arch["token_grid"] == "physical" else None, stem=arch["stem"],
+               sga_iters=arch["sga_iters"])
     if arch["task"] == "seg":
         return build_seg_model(arch["model"], num_classes=1, head=arch["head"], **rat)
     return build_detector(arch["model"], num_classes=arch["num_classes"], image_size=arch["image_size"],

@@ -41,8 +41,8 @@ TRAINING = ("data", "batch_size", "epochs", "lr", "weight_decay", "warmup", "cli
             "val_size", "coco_val_size", "seed")
 # The numeric flags' accepted values, checked before any work starts (None: the task's default).
 RANGES = [
-    (("image_size", "epochs", "patch", "depth", "dim", "heads", "batch_size", "train_size", "val_size",
-      "coco_val_size", "sync_every"), lambda v: v >= 1, "a positive integer"),
+    (("image_size", "epochs", "patch", "depth", "dim", "heads", "sga_iters", "batch_size", "train_size",
+      "val_size", "coco_val_size", "sync_every"), lambda v: v >= 1, "a positive integer"),
     (("workers", "ckpt_every"), lambda v: v >= 0, "an integer >= 0"),
     (("seed",), lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
     (("lr", "dist_timeout"), lambda v: 0 < v < math.inf, "a finite number > 0"),
@@ -72,6 +72,8 @@ def get_args_parser():
                    help="image pyramid as relative factors, finest first (default 1 for seg, 1,0.5 for det)")
     p.add_argument("--pe", default="rose", choices=PE_CHOICES)
     p.add_argument("--sga", default="local", choices=SGA_CHOICES)
+    p.add_argument("--sga-iters", type=int, default=None,
+                   help="rounds of grouping in every SGA (default 1 for seg, 3 for det)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
@@ -135,6 +137,7 @@ def fill_defaults(args):
     if args.scales is None:
         args.scales = "1" if seg else "1,0.5"
     args.stem = args.stem or ("conv" if seg else "full")
+    args.sga_iters = args.sga_iters or (1 if seg else 3)
     if args.strides is None:  # seg: tokens at 4, 8, 16, 32 px; det: keep stride-8 features for small objects
         args.strides = (([2, 2, 2] if seg else [2, 2]) + [1] * args.depth)[:args.depth]
     if args.stem == "conv" and args.patch % 2:

@@ -105,7 +105,7 @@ def fake_run(run_dir, dice, size=32, resized=None):
     os.makedirs(run_dir / "eval")
     args = {"data": "synthetic", "image_size": size, "train_size": 16, "val_size": 4, "epochs": 2, "batch_size": 8,
             "lr": 1e-3, "scales": [1.0], "pe": "rose", "sga": "local", "depth": 4, "dim": 16, "heads": 2, "patch": 4,
-            "strides": [2, 2, 2, 1], "stem": "conv", "head": "conv", "token_grid": "physical"}
+            "strides": [2, 2, 2, 1], "stem": "conv", "head": "conv", "token_grid": "physical", "sga_iters": 1}
     (run_dir / "args.json").write_text(json.dumps(args))
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "epoch_time_s": 1.5}\n{"epoch": 2, "epoch_time_s": 2.5}\n')
     torch.save({"model": {"w": torch.zeros(10, 10), "b": torch.zeros(10)}}, run_dir / "ckpt_last.pt")
@@ -151,7 +151,7 @@ def test_table_statistics_and_paired_differences(tmp_path):
     # seeds that would resolve an effect of the measured size and paired std: 3 (4.303 * 0.064 / sqrt(3)
     # < 0.227, 12.706 * 0.064 / sqrt(2) is not); at 4x there is no effect to resolve
     assert table.split("| pe_none |")[2].splitlines()[0].endswith("| 3 / - |")
-    assert "token grid physical, stem conv, head conv, scales 1, pe rose, sga local, depth 4, dim 16" in table
+    assert "token grid physical, stem conv, head conv, scales 1, pe rose, sga local (1 round), depth 4, dim 16" in table
     assert "sga_dense" not in table.split("Paired differences")[1]  # nothing to compare
     with Image.open(tmp_path / "paired_differences.png") as im:  # the forest plot of the same numbers
         assert im.width > 600

@@ -21,8 +21,9 @@ from metrics import upsample_logits
 from model import build_model, set_detector_size
 
 SEG = dict(task="seg", model="rat", image_size=32, scales=[1.0, 0.5], pe="rose", sga="local", depth=1, dim=16, heads=2,
-           patch=2, strides=None, dropout=0.0, num_classes=1, token_grid="physical", head="refine", stem="patch")
-DET = dict(SEG, task="det", image_size=64, dim=32, patch=4, strides=[2], scales=[1.0], num_classes=3,
+           patch=2, strides=None, dropout=0.0, num_classes=1, token_grid="physical", head="refine", stem="patch",
+           sga_iters=1)
+DET = dict(SEG, task="det", image_size=64, dim=32, patch=4, strides=[2], scales=[1.0], num_classes=3, sga_iters=3,
            class_names=["disk", "square", "triangle"])
 
 

@@ -110,22 +110,31 @@ def test_train_builds_the_physical_grid_by_default():
     assert built("--token-grid", "pixel").backbone.ref_size is None
     assert built().head == "conv" and built().backbone.conv_stem is not None
     assert built("--head", "linear").head == "linear"
+    def rounds(*flags):
+        return {sga.iters for sga in built(*flags).backbone.sgas}
+    assert rounds() == {1} and rounds("--sga-iters", "3") == {3}
+    det = train.fill_defaults(train.get_args_parser().parse_args(["--task", "det", "--dim", "32", "--heads", "2"]))
+    det.num_classes = 3
+    assert {sga.iters for sga in build_model(vars(det)).backbone.body.sgas} == {3}
 
 
 def test_checkpoints_from_before_the_flags_load_as_they_were_trained(tmp_path):
-    # Checkpoints written before --token-grid, --head and --stem existed hold none in their args:
-    # eval.py must rebuild the pixel grid, the linear head and the patch stem they were trained with.
+    # Checkpoints written before --token-grid, --head, --stem and --sga-iters existed hold none in their
+    # args: eval.py must rebuild the pixel grid, the linear head, the patch stem and the three rounds of
+    # grouping they were trained with.
     import eval as ev
     import train
     args = train.fill_defaults(train.get_args_parser().parse_args(
-        ["--dim", "16", "--heads", "2", "--token-grid", "pixel", "--head", "linear", "--stem", "patch"]))
+        ["--dim", "16", "--heads", "2", "--token-grid", "pixel", "--head", "linear", "--stem", "patch",
+         "--sga-iters", "3"]))
     args.num_classes = 1
     model = build_model(vars(args))
-    saved = {k: v for k, v in vars(args).items() if k not in ("token_grid", "head", "stem")}
+    saved = {k: v for k, v in vars(args).items() if k not in ("token_grid", "head", "stem", "sga_iters")}
     torch.save({"model": model.state_dict(), "args": saved}, tmp_path / "old.pt")
     train_args, state = ev.load_run(str(tmp_path / "old.pt"), "seg")
     rebuilt = ev.build_eval_model(train_args, state, 64, torch.device("cpu"), "old.pt")
     assert rebuilt.backbone.ref_size is None and rebuilt.head == "linear" and rebuilt.backbone.conv_stem is None
+    assert {sga.iters for sga in rebuilt.backbone.sgas} == {3}
     x = [torch.rand(1, 3, 64, 64), torch.rand(1, 3, 32, 32)]
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model.eval()(x))

@@ -197,7 +197,8 @@ def describe_default(d):
     """The default model's choices, every one a row of the study could change."""
     head = "FCOS" if d.get("task") == "det" else d.get("head", "refine")
     return (f"token grid {d.get('token_grid', 'pixel')}, stem {d.get('stem', 'patch')}, head {head}, "
-            f"scales {','.join(f'{s:g}' for s in d['scales'])}, pe {d['pe']}, sga {d['sga']}, depth {d['depth']}, "
+            f"scales {','.join(f'{s:g}' for s in d['scales'])}, pe {d['pe']}, sga {d['sga']} "
+            f"({d.get('sga_iters', 3)} round{'s' if d.get('sga_iters', 3) > 1 else ''}), depth {d['depth']}, "
             f"dim {d['dim']}, heads {d['heads']}, patch {d['patch']}, strides "
             f"{','.join(map(str, d.get('strides') or []))}")
 

@@ -1,5 +1,6 @@
 """What the conv stem and conv head cost: the 512 px training step (RAT dim 128, batch 2) with
-them and with the patch stem and refine head before them, interleaved in one process; then
+them and with the patch stem, refine head and three rounds of grouping before them, interleaved
+in one process; then
 the step at 256, 512 and 1024 px and its exponent in pixels (pixel grid, as bench.py scaling).
 
     python tools/seg_cost.py
@@ -22,7 +23,7 @@ def model(**kw):
 
 
 def main():
-    before, now = model(stem="patch", head="refine"), model()
+    before, now = model(stem="patch", head="refine", sga_iters=3), model()
     x = bench.levels(512)
     t = bench.timed({"before": lambda: bench.train_step(before, x), "now": lambda: bench.train_step(now, x)}, 3)
     print(f"512 px step: patch stem + refine head {t['before']:.2f} s, conv stem + conv head {t['now']:.2f} s, "
